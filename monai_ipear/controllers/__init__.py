@@ -1,0 +1,12 @@
+from .base import (
+    ControllerSession,
+    Decision,
+    FixedIterations,
+    IterationController,
+    SinglePass,
+    controlled_refinement,
+    simulate_controller,
+)
+from .iterstop import IterStop
+from .similarity import get_similarity, global_ncc, global_ncc_iirp, negative_mae, negative_mse
+from .tci import TCI, TCI_ORDERS, TCIWindow, convergence_reached, stability_reached

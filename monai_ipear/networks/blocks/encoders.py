@@ -1,0 +1,125 @@
+"""Weight-shared feature encoders for pyramid registration networks.
+
+Both return a list of per-level features, finest (level 1, full resolution) first, and expose
+``out_channels`` (per level, finest first) and ``in_channels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution
+from monai.networks.layers import Pool
+
+from .neighborhood_attention import NeighborhoodAttention
+
+__all__ = ["ConvEncoder", "NAEncoder", "NABlock", "ConvGELUBlock"]
+
+LEAKY = ("leakyrelu", {"negative_slope": 0.1})
+
+
+class ConvEncoder(nn.Module):
+    """IIRP-Net / RP-Net encoder: per level one 3x3(x3) conv + LeakyReLU(0.1), average pooling between levels.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        channels: feature channels per level, finest first (IIRP-Net: 8, 16, 32, 32).
+
+    Input ``(B, in_channels, *spatial)``; output list of ``(B, channels[l], *spatial / 2**l)``.
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, channels: Sequence[int] = (8, 16, 32, 32)) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = tuple(channels)
+        ins = (in_channels,) + self.out_channels[:-1]
+        self.blocks = nn.ModuleList(
+            Convolution(spatial_dims, i, o, kernel_size=3, act=LEAKY, norm=None) for i, o in zip(ins, self.out_channels)
+        )
+        self.pool = Pool["avg", spatial_dims](2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(x if i == 0 else self.pool(x))
+            feats.append(x)
+        return feats
+
+
+class ConvGELUBlock(nn.Module):
+    """NAP's conv block: ``y = GELU(InstanceNorm(conv3(x)))`` then ``y + GELU(conv3(y))``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, act="gelu", norm="instance")
+        self.res = Convolution(spatial_dims, out_channels, out_channels, kernel_size=3, act="gelu", norm=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + self.res(y)
+
+
+class NABlock(nn.Module):
+    """Neighborhood-attention block ``x + NA(LayerNorm(x))`` on a channels-first map (LayerNorm over channels, no MLP)."""
+
+    def __init__(self, spatial_dims: int, channels: int, num_heads: int, kernel_size: int = 3, use_natten: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.attn = NeighborhoodAttention(spatial_dims, channels, num_heads, kernel_size, use_natten=use_natten)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.movedim(1, -1)
+        return x + self.attn(self.norm(y)).movedim(-1, 1)
+
+
+class NAEncoder(nn.Module):
+    """The iPEAR encoder (NAP's ``CoNaTEncoder``): conv blocks with neighborhood attention at the coarser levels.
+
+    Level 1: :class:`ConvGELUBlock`. Levels 2..L: AvgPool(2) -> :class:`ConvGELUBlock` -> :class:`NABlock`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        channels: feature channels per level, finest first (iPEAR: 8, 16, 32, 32).
+        num_heads: attention heads for levels 2..L (iPEAR: 2, 4, 4, i.e. 8 channels per head).
+        kernel_size: neighborhood size of the attention (odd).
+        use_natten: run attention with NATTEN's kernels (must be importable).
+
+    Input ``(B, in_channels, *spatial)``; output list of ``(B, channels[l], *spatial / 2**l)``, finest first.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        channels: Sequence[int] = (8, 16, 32, 32),
+        num_heads: Sequence[int] = (2, 4, 4),
+        kernel_size: int = 3,
+        use_natten: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(num_heads) != len(channels) - 1:
+            raise ValueError(f"num_heads needs one entry per level 2..L: {len(channels) - 1}, got {len(num_heads)}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = tuple(channels)
+        self.pool = Pool["avg", spatial_dims](2)
+        self.levels = nn.ModuleList([ConvGELUBlock(spatial_dims, in_channels, channels[0])])
+        for i in range(1, len(channels)):
+            self.levels.append(
+                nn.Sequential(
+                    ConvGELUBlock(spatial_dims, channels[i - 1], channels[i]),
+                    NABlock(spatial_dims, channels[i], num_heads[i - 1], kernel_size, use_natten),
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, level in enumerate(self.levels):
+            x = level(x if i == 0 else self.pool(x))
+            feats.append(x)
+        return feats

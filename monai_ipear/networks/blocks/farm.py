@@ -1,0 +1,137 @@
+"""FARM, the Fused Attention-Residual Module of iPEAR, and its named parts.
+
+``R = concat(warped moving features, fixed features)`` (2C channels) feeds two pathways:
+
+- attention pathway: :class:`SqueezeExcitationBlock` (SEB, channel weights) then
+  :class:`SpatialAttentionBlock` (SAB);
+- residual pathway :class:`ResidualPathway` (RP): Cl1 conv 2C->q + LeakyReLU, two residual units,
+  Cl2 conv q->q/2;
+
+and Cl3, a conv (2C + q/2) -> spatial_dims, turns their concatenation into the residual field.
+Switches ``use_seb``, ``use_sab``, ``use_rp`` reproduce the paper's Table 5 ablation; with all three off
+FARM is the single conv Cl3 on ``R``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import ChannelSELayer, Convolution
+
+__all__ = ["FARM", "SqueezeExcitationBlock", "SpatialAttentionBlock", "ResidualPathway", "ResidualUnit"]
+
+LEAKY = ("leakyrelu", {"negative_slope": 0.1})
+
+
+class SqueezeExcitationBlock(ChannelSELayer):
+    """SEB: global average pool -> FC 2C->max(2C//r, 1) -> LeakyReLU(0.1) -> FC -> sigmoid -> ``x * S``.
+
+    MONAI's :class:`~monai.networks.blocks.ChannelSELayer` with the paper's reduction and activation;
+    the hidden width is at least one unit.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, r: int = 16) -> None:
+        super().__init__(spatial_dims, in_channels, r=max(1, min(r, in_channels)), acti_type_1=LEAKY)
+
+
+class SpatialAttentionBlock(nn.Module):
+    """SAB.
+
+    ``mode="spatial"`` (default; the paper's name, text and Figure B): average- and max-pool across
+    channels -> 2-channel map -> conv (``kernel_size``) -> sigmoid -> multiply every channel (CBAM style).
+
+    ``mode="channel"`` (the literal reading of the paper's equations 7-9, which pool over space): average-
+    and max-pool over space -> a 2-row descriptor per channel -> 1D conv (``kernel_size``) along the channel
+    axis -> sigmoid -> multiply per channel.
+    """
+
+    def __init__(self, spatial_dims: int, kernel_size: int = 7, mode: str = "spatial") -> None:
+        super().__init__()
+        if mode not in ("spatial", "channel"):
+            raise ValueError(f"SAB mode must be 'spatial' or 'channel', got {mode!r}.")
+        self.mode = mode
+        dims = spatial_dims if mode == "spatial" else 1
+        self.conv = Convolution(dims, 2, 1, kernel_size=kernel_size, act="sigmoid", norm=None, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "spatial":
+            pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+            return x * self.conv(pooled)
+        flat = x.flatten(2)  # (B, C, N)
+        pooled = torch.stack([flat.mean(-1), flat.amax(-1)], dim=1)  # (B, 2, C)
+        weights = self.conv(pooled).squeeze(1)  # (B, C)
+        return x * weights.view(*weights.shape, *([1] * (x.ndim - 2)))
+
+
+class ResidualUnit(nn.Module):
+    """``LeakyReLU(conv3(x) + x)`` (IIRP-Net's ``ConvResBlock``)."""
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.conv = Convolution(spatial_dims, channels, channels, kernel_size=3, conv_only=True)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x) + x)
+
+
+class ResidualPathway(nn.Module):
+    """RP: Cl1 conv in->q + LeakyReLU(0.1), two :class:`ResidualUnit`, Cl2 conv q->q/2 (no activation).
+
+    This is also the body of IIRP-Net's residual flow estimator.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.cl1 = Convolution(spatial_dims, in_channels, channels, kernel_size=3, act=LEAKY, norm=None)
+        self.res1 = ResidualUnit(spatial_dims, channels)
+        self.res2 = ResidualUnit(spatial_dims, channels)
+        self.cl2 = Convolution(spatial_dims, channels, channels // 2, kernel_size=3, conv_only=True)
+        self.out_channels = channels // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cl2(self.res2(self.res1(self.cl1(x))))
+
+
+class FARM(nn.Module):
+    """Fused Attention-Residual Module: one pyramid-level decoder of iPEAR.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: encoder channels ``C`` at this level (each of the two inputs has ``C``).
+        channels: residual-pathway width ``q`` (iPEAR default per level 16/32/32/32, finest first).
+        se_reduction: SEB reduction ``r``.
+        sab_kernel_size: SAB conv kernel.
+        sab_mode: ``"spatial"`` (default) or ``"channel"``, see :class:`SpatialAttentionBlock`.
+        use_seb, use_sab, use_rp: ablation switches (paper Table 5).
+
+    ``forward(moving, fixed)``: two ``(B, C, *spatial)`` feature maps (moving already warped by the current
+    field) -> residual DDF ``(B, spatial_dims, *spatial)`` in voxels of this level.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: int,
+        se_reduction: int = 16,
+        sab_kernel_size: int = 7,
+        sab_mode: str = "spatial",
+        use_seb: bool = True,
+        use_sab: bool = True,
+        use_rp: bool = True,
+    ) -> None:
+        super().__init__()
+        c2 = 2 * in_channels
+        self.seb = SqueezeExcitationBlock(spatial_dims, c2, se_reduction) if use_seb else nn.Identity()
+        self.sab = SpatialAttentionBlock(spatial_dims, sab_kernel_size, sab_mode) if use_sab else nn.Identity()
+        self.rp = ResidualPathway(spatial_dims, c2, channels) if use_rp else None
+        cl3_in = c2 + (self.rp.out_channels if self.rp is not None else 0)
+        self.cl3 = Convolution(spatial_dims, cl3_in, spatial_dims, kernel_size=3, conv_only=True)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        r = torch.cat([moving, fixed], dim=1)
+        fused = self.sab(self.seb(r))
+        if self.rp is not None:
+            fused = torch.cat([fused, self.rp(r)], dim=1)
+        return self.cl3(fused)

@@ -1,0 +1,97 @@
+"""Displacement-field operations shared by every network in the package.
+
+Conventions (one for the whole package, see ``docs/architecture.md``):
+
+- a dense displacement field (DDF) has shape ``(B, spatial_dims, *spatial)``, in voxels of the tensor
+  grid, channel ``i`` is spatial axis ``i``, pull convention ``warped(x) = moving(x + ddf(x))``;
+- warping uses :class:`monai.networks.blocks.Warp` (``align_corners=True`` sampling);
+- a residual ``delta`` is composed onto a running field ``u`` as ``u_new = warp(u, delta) + delta``;
+- a field goes to the next finer level by linear x2 upsampling (``align_corners=True``) and x2 of its values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Warp
+
+__all__ = ["FieldComposer", "resize_ddf", "pad_to_divisible", "crop_to"]
+
+
+def _interp_mode(spatial_dims: int) -> str:
+    return {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial_dims]
+
+
+def resize_ddf(ddf: torch.Tensor, factor: int) -> torch.Tensor:
+    """Upsample a DDF by an integer ``factor`` and scale its values by the same factor.
+
+    Linear interpolation with ``align_corners=True``, as IIRP-Net's reference code does, so that fields
+    passed between pyramid levels match the published implementation.
+
+    Args:
+        ddf: ``(B, spatial_dims, *spatial)`` in voxels of its own grid.
+        factor: integer upsampling factor (1 returns ``ddf`` unchanged).
+
+    Returns:
+        ``(B, spatial_dims, *[s * factor for s in spatial])`` in voxels of the finer grid.
+    """
+    if factor == 1:
+        return ddf
+    spatial_dims = ddf.ndim - 2
+    size = [s * factor for s in ddf.shape[2:]]
+    return F.interpolate(factor * ddf, size=size, mode=_interp_mode(spatial_dims), align_corners=True)
+
+
+class FieldComposer(torch.nn.Module):
+    """Warps images and composes displacement fields with MONAI's :class:`~monai.networks.blocks.Warp`.
+
+    Args:
+        padding_mode: ``"zeros"`` (IIRP-Net's reference code; samples outside the grid read 0),
+            ``"border"`` or ``"reflection"``. Used for images, features and field composition alike.
+    """
+
+    def __init__(self, padding_mode: str = "zeros") -> None:
+        super().__init__()
+        self.padding_mode = padding_mode
+        self.warp_linear = Warp(mode="bilinear", padding_mode=padding_mode)
+        self.warp_nearest = Warp(mode="nearest", padding_mode=padding_mode)
+
+    def warp(self, image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """Warp ``image`` ``(B, C, *spatial)`` with ``ddf`` ``(B, spatial_dims, *spatial)``: ``image(x + ddf(x))``.
+
+        The field is cast to the image's dtype family: sampling runs in float32 under autocast.
+        """
+        warp = self.warp_nearest if mode == "nearest" else self.warp_linear
+        ddf = ddf.float()
+        if warp.ref_grid is not None and warp.ref_grid.device != ddf.device:
+            warp.ref_grid = None  # MONAI caches the grid by shape only; drop it when the device changes
+        return warp(image.float(), ddf)
+
+    def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        """Compose a residual ``delta`` onto ``ddf``: ``ddf(x + delta(x)) + delta(x)``; ``None`` means identity."""
+        delta = delta.float()
+        if ddf is None:
+            return delta
+        return self.warp(ddf, delta) + delta
+
+
+def pad_to_divisible(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Zero-pad the spatial axes of ``x`` ``(B, C, *spatial)`` at their ends to multiples of ``k``.
+
+    Padding at the far end keeps voxel coordinates unchanged, so a DDF computed on the padded grid is
+    cropped back with :func:`crop_to` without any shift. Returns the padded tensor and the original size.
+    """
+    spatial = tuple(x.shape[2:])
+    pads: list[int] = []
+    for s in reversed(spatial):
+        pads += [0, (-s) % k]
+    if any(pads):
+        x = F.pad(x, pads)
+    return x, spatial
+
+
+def crop_to(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """Crop the spatial axes of ``x`` ``(B, C, *spatial')`` back to ``spatial`` (from the origin)."""
+    return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]

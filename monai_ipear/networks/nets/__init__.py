@@ -1,0 +1,3 @@
+from .ipear import iPEAR
+from .pyramid import PyramidRegistrationNet
+from .rpnet import IIRPNet, RPNet

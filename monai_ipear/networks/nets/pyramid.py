@@ -1,0 +1,123 @@
+"""The generic coarse-to-fine pyramid registration network (iPEAR's Algorithm 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from ...controllers import IterationController, SinglePass, controlled_refinement
+from ..blocks.fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
+from ..utils import check_registration_pair
+
+__all__ = ["PyramidRegistrationNet"]
+
+
+class PyramidRegistrationNet(nn.Module):
+    """Encoder + one decoder per level + iteration control, decoded from the coarsest level to level 1.
+
+    At level ``l`` and update ``k`` the moving features are warped by the current field (the raw features at
+    the coarsest level's first update), the level's decoder predicts a residual field from
+    ``(warped moving features, fixed features)``, and the residual is composed onto the field
+    (``u <- u(x + delta) + delta``). The level's controller decides per sample how many updates to keep,
+    judging the moving image warped at full resolution against the fixed image. Between levels the field is
+    upsampled x2 (values x2).
+
+    Args:
+        encoder: weight-shared encoder returning per-level features, finest first; must expose
+            ``out_channels`` (per level) and ``in_channels``; ``spatial_dims`` is read from it when present.
+        decoders: one module per level, finest (level 1) first; ``decoder(moving_feat, fixed_feat)`` returns
+            ``(B, spatial_dims, *level_spatial)``.
+        controller: one :class:`~monai_ipear.controllers.IterationController` for all levels, or one per
+            level (finest first). Default :class:`~monai_ipear.controllers.SinglePass`.
+        spatial_dims: 2 or 3 (default: ``encoder.spatial_dims``).
+        padding_mode: ``Warp`` padding for features, images and composition (``"zeros"`` as IIRP-Net).
+        unroll_training: in training mode, iterate under the controllers (gradients through every update)
+            instead of one pass per level.
+
+    ``forward(moving, fixed)``: ``(B, C, *spatial)`` each -> DDF ``(B, spatial_dims, *spatial)`` in voxels,
+    pull convention. Sizes not divisible by ``2 ** (levels - 1)`` are zero-padded at the far end and the field
+    cropped back. After each call ``last_iterations`` is a ``(B, levels)`` long tensor of updates kept per
+    level (level 1 first) and ``last_similarities`` a list (level 1 first) of ``(B, k_max + 1)`` similarity
+    traces (column ``k``: after update ``k``, column 0: the field the level started from; NaN: not computed).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoders: Sequence[nn.Module],
+        controller: IterationController | Sequence[IterationController] | None = None,
+        spatial_dims: int | None = None,
+        padding_mode: str = "zeros",
+        unroll_training: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoders = nn.ModuleList(decoders)
+        self.levels = len(self.decoders)
+        self.spatial_dims = int(spatial_dims or getattr(encoder, "spatial_dims", 3))
+        self.in_channels = int(getattr(encoder, "in_channels", 1))
+        enc_levels = len(getattr(encoder, "out_channels", decoders))
+        if enc_levels != self.levels:
+            raise ValueError(f"the encoder has {enc_levels} levels but {self.levels} decoders were given.")
+        self.controller = controller if controller is not None else SinglePass()
+        self.fields = FieldComposer(padding_mode)
+        self.unroll_training = unroll_training
+        self.last_iterations: torch.Tensor | None = None
+        self.last_similarities: list[torch.Tensor] = []
+
+    @property
+    def controllers(self) -> list[IterationController]:
+        """One controller per level, finest first."""
+        c = self.controller
+        if isinstance(c, IterationController):
+            return [c] * self.levels
+        c = list(c)
+        if len(c) != self.levels:
+            raise ValueError(f"controller needs one entry per level ({self.levels}), got {len(c)}.")
+        return c
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (self.levels - 1)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        check_registration_pair(moving, fixed, self.spatial_dims, self.in_channels, min_size=self.divisor)
+        moving, spatial = pad_to_divisible(moving, self.divisor)
+        fixed, _ = pad_to_divisible(fixed, self.divisor)
+        feats_m = self.encoder(moving)
+        feats_f = self.encoder(fixed)
+        if len(feats_m) != self.levels:
+            raise ValueError(f"the encoder returned {len(feats_m)} feature levels, expected {self.levels}.")
+
+        batch = moving.shape[0]
+        single = self.training and not self.unroll_training
+        controllers = self.controllers
+        iterations = torch.zeros(batch, self.levels, dtype=torch.long)
+        traces: list[torch.Tensor] = [torch.empty(0)] * self.levels
+        ddf: torch.Tensor | None = None
+        for lvl in reversed(range(self.levels)):  # index 0 is level 1 (full resolution)
+            fm, ff, decoder = feats_m[lvl], feats_f[lvl], self.decoders[lvl]
+            coarsest = ddf is None
+            if coarsest:
+                ddf = torch.zeros(batch, self.spatial_dims, *fm.shape[2:], device=fm.device, dtype=torch.float32)
+            else:
+                ddf = resize_ddf(ddf, 2)
+
+            def update(u, index, k, fm=fm, ff=ff, decoder=decoder, coarsest=coarsest):
+                if coarsest and k == 1:  # Algorithm 1: the first update at the coarsest level sees raw features
+                    return self.fields.compose(None, decoder(fm[index], ff[index]))
+                return self.fields.compose(u, decoder(self.fields.warp(fm[index], u), ff[index]))
+
+            def evaluate(u, index, lvl=lvl, controller=controllers[lvl]):
+                warped = self.fields.warp(moving[index], resize_ddf(u, 2**lvl))
+                return controller.similarity(warped, fixed[index])
+
+            controller = SinglePass() if single else controllers[lvl]
+            ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=coarsest)
+            iterations[:, lvl] = kept
+            traces[lvl] = trace
+        self.last_iterations = iterations
+        self.last_similarities = traces
+        return crop_to(ddf, spatial)

@@ -1,0 +1,37 @@
+"""Input checks shared by the registration networks."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_registration_pair"]
+
+
+def check_registration_pair(
+    moving: torch.Tensor, fixed: torch.Tensor, spatial_dims: int, in_channels: int, min_size: int = 1
+) -> None:
+    """Raise ``ValueError`` naming the problem and the shapes when ``(moving, fixed)`` is not a valid pair.
+
+    Valid: tensors ``(B, in_channels, *spatial)`` with ``spatial_dims`` spatial axes, equal shapes, every
+    spatial size ``>= min_size``, finite values.
+    """
+    for name, t in (("moving", moving), ("fixed", fixed)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t.ndim != spatial_dims + 2:
+            raise ValueError(
+                f"{name} must have {spatial_dims + 2} dimensions (B, C, {'H, W, D' if spatial_dims == 3 else 'H, W'}) "
+                f"for spatial_dims={spatial_dims}, got shape {tuple(t.shape)}."
+            )
+        if t.shape[1] != in_channels:
+            raise ValueError(f"{name} must have {in_channels} channel(s), got shape {tuple(t.shape)}.")
+    if moving.shape != fixed.shape:
+        raise ValueError(f"moving and fixed shapes differ: moving {tuple(moving.shape)}, fixed {tuple(fixed.shape)}.")
+    if min(moving.shape[2:]) < min_size:
+        raise ValueError(
+            f"spatial size {tuple(moving.shape[2:])} is too small: every axis needs at least {min_size} voxels "
+            f"for this network's number of levels."
+        )
+    for name, t in (("moving", moving), ("fixed", fixed)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} {tuple(t.shape)} contains NaN or Inf values.")
