@@ -29,8 +29,8 @@ def check_registration_pair(
         raise ValueError(f"moving and fixed shapes differ: moving {tuple(moving.shape)}, fixed {tuple(fixed.shape)}.")
     if min(moving.shape[2:]) < min_size:
         raise ValueError(
-            f"spatial size {tuple(moving.shape[2:])} is too small: every axis needs at least {min_size} voxels "
-            f"for this network's number of levels."
+            f"spatial size {tuple(moving.shape[2:])} of input shape {tuple(moving.shape)} is too small: every axis "
+            f"needs at least {min_size} voxels for this network's number of levels."
         )
     for name, t in (("moving", moving), ("fixed", fixed)):
         if not torch.isfinite(t).all():

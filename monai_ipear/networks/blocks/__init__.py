@@ -1,5 +1,5 @@
 from .encoders import ConvEncoder, ConvGELUBlock, NABlock, NAEncoder
-from .farm import FARM, ResidualPathway, ResidualUnit, SpatialAttentionBlock, SqueezeExcitationBlock
+from .farm import FARM, ResidualPathway, ResidualPathwayUnit, FARMSpatialAttention, SqueezeExcitationBlock
 from .fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
 from .flow_estimator import ResidualFlowEstimator
 from .neighborhood_attention import NeighborhoodAttention, natten_available, neighborhood_indices

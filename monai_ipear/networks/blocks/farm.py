@@ -3,7 +3,7 @@
 ``R = concat(warped moving features, fixed features)`` (2C channels) feeds two pathways:
 
 - attention pathway: :class:`SqueezeExcitationBlock` (SEB, channel weights) then
-  :class:`SpatialAttentionBlock` (SAB);
+  :class:`FARMSpatialAttention` (SAB);
 - residual pathway :class:`ResidualPathway` (RP): Cl1 conv 2C->q + LeakyReLU, two residual units,
   Cl2 conv q->q/2;
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import ChannelSELayer, Convolution
 
-__all__ = ["FARM", "SqueezeExcitationBlock", "SpatialAttentionBlock", "ResidualPathway", "ResidualUnit"]
+__all__ = ["FARM", "SqueezeExcitationBlock", "FARMSpatialAttention", "ResidualPathway", "ResidualPathwayUnit"]
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.1})
 
@@ -34,7 +34,7 @@ class SqueezeExcitationBlock(ChannelSELayer):
         super().__init__(spatial_dims, in_channels, r=max(1, min(r, in_channels)), acti_type_1=LEAKY)
 
 
-class SpatialAttentionBlock(nn.Module):
+class FARMSpatialAttention(nn.Module):
     """SAB.
 
     ``mode="spatial"`` (default; the paper's name, text and Figure B): average- and max-pool across
@@ -63,7 +63,7 @@ class SpatialAttentionBlock(nn.Module):
         return x * weights.view(*weights.shape, *([1] * (x.ndim - 2)))
 
 
-class ResidualUnit(nn.Module):
+class ResidualPathwayUnit(nn.Module):
     """``LeakyReLU(conv3(x) + x)`` (IIRP-Net's ``ConvResBlock``)."""
 
     def __init__(self, spatial_dims: int, channels: int) -> None:
@@ -76,7 +76,7 @@ class ResidualUnit(nn.Module):
 
 
 class ResidualPathway(nn.Module):
-    """RP: Cl1 conv in->q + LeakyReLU(0.1), two :class:`ResidualUnit`, Cl2 conv q->q/2 (no activation).
+    """RP: Cl1 conv in->q + LeakyReLU(0.1), two :class:`ResidualPathwayUnit`, Cl2 conv q->q/2 (no activation).
 
     This is also the body of IIRP-Net's residual flow estimator.
     """
@@ -84,8 +84,8 @@ class ResidualPathway(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, channels: int) -> None:
         super().__init__()
         self.cl1 = Convolution(spatial_dims, in_channels, channels, kernel_size=3, act=LEAKY, norm=None)
-        self.res1 = ResidualUnit(spatial_dims, channels)
-        self.res2 = ResidualUnit(spatial_dims, channels)
+        self.res1 = ResidualPathwayUnit(spatial_dims, channels)
+        self.res2 = ResidualPathwayUnit(spatial_dims, channels)
         self.cl2 = Convolution(spatial_dims, channels, channels // 2, kernel_size=3, conv_only=True)
         self.out_channels = channels // 2
 
@@ -102,7 +102,7 @@ class FARM(nn.Module):
         channels: residual-pathway width ``q`` (iPEAR default per level 16/32/32/32, finest first).
         se_reduction: SEB reduction ``r``.
         sab_kernel_size: SAB conv kernel.
-        sab_mode: ``"spatial"`` (default) or ``"channel"``, see :class:`SpatialAttentionBlock`.
+        sab_mode: ``"spatial"`` (default) or ``"channel"``, see :class:`FARMSpatialAttention`.
         use_seb, use_sab, use_rp: ablation switches (paper Table 5).
 
     ``forward(moving, fixed)``: two ``(B, C, *spatial)`` feature maps (moving already warped by the current
@@ -124,7 +124,7 @@ class FARM(nn.Module):
         super().__init__()
         c2 = 2 * in_channels
         self.seb = SqueezeExcitationBlock(spatial_dims, c2, se_reduction) if use_seb else nn.Identity()
-        self.sab = SpatialAttentionBlock(spatial_dims, sab_kernel_size, sab_mode) if use_sab else nn.Identity()
+        self.sab = FARMSpatialAttention(spatial_dims, sab_kernel_size, sab_mode) if use_sab else nn.Identity()
         self.rp = ResidualPathway(spatial_dims, c2, channels) if use_rp else None
         cl3_in = c2 + (self.rp.out_channels if self.rp is not None else 0)
         self.cl3 = Convolution(spatial_dims, cl3_in, spatial_dims, kernel_size=3, conv_only=True)

@@ -1,0 +1,152 @@
+"""Iteration controllers on scripted similarity sequences (Algorithm 1 of iPEAR; IIRP-Net's IterStop)."""
+
+import math
+
+import pytest
+import torch
+
+from monai_ipear.controllers import (
+    TCI,
+    FixedIterations,
+    IterStop,
+    SinglePass,
+    TCIWindow,
+    controlled_refinement,
+    global_ncc,
+    global_ncc_iirp,
+    negative_mae,
+    negative_mse,
+    simulate_controller,
+)
+
+RISING = [0.1 * i for i in range(1, 20)]  # gains of 0.1 every update: never stable, never converged
+
+
+def test_tci_never_stable_runs_k_max():
+    assert simulate_controller(TCI(), RISING) == (10, 10)
+    assert simulate_controller(TCI(k_max=4), RISING) == (4, 4)
+
+
+def test_tci_needs_a_full_window_before_stopping():
+    # perfectly flat: stable and converged from the start, but W must hold t = 3 values first
+    assert simulate_controller(TCI(), [0.5] * 10) == (3, 3)
+    assert simulate_controller(TCI(window=5), [0.5] * 10) == (5, 5)
+
+
+def test_tci_stable_but_still_improving_continues_then_stops_on_small_gain():
+    # window [0.5, 0.506, 0.512]: population std 0.0049 <= 0.005 (stable) but gain 0.006 > 0.005
+    seq = [0.5, 0.506, 0.512, 0.513, 0.6]
+    assert simulate_controller(TCI(), seq) == (4, 4)
+
+
+def test_tci_drop_stops_and_keeps_the_update():
+    seq = [0.5, 0.506, 0.512, 0.511, 0.6]
+    assert simulate_controller(TCI(), seq) == (4, 4)  # TCI keeps the current field
+
+
+def test_tci_stages_are_latched():
+    # stability passes at k=3 (gain still 0.006); at k=5 the gain is small but the window is no longer
+    # stable (std 0.0087): the stability stage, once passed, is not checked again, so TCI stops at 5
+    seq = [0.5, 0.506, 0.512, 0.530, 0.531, 0.6, 0.7]
+    assert simulate_controller(TCI(), seq) == (5, 5)
+
+
+def test_tci_four_orderings_differ_as_table_6():
+    # convergence reached at k=3 (flat), stability only at k=4; then gains of 0.006 with a stable window
+    seq = [0.1, 0.3, 0.3, 0.306, 0.312, 0.313, 0.9, 0.9]
+    assert simulate_controller(TCI(order="convergence_stability"), seq) == (4, 4)
+    assert simulate_controller(TCI(order="stability_convergence"), seq) == (6, 6)
+    assert simulate_controller(TCI(order="convergence"), seq) == (3, 3)
+    assert simulate_controller(TCI(order="stability"), seq) == (4, 4)
+    # stability only stops while the similarity still improves by more than delta_c
+    assert simulate_controller(TCI(order="stability"), [0.5, 0.506, 0.512, 0.6]) == (3, 3)
+    # the default goes on (gain 0.006 at k=3, 0.088 at k=4) until a gain <= delta_c at k=5
+    assert simulate_controller(TCI(order="stability_convergence"), [0.5, 0.506, 0.512, 0.6, 0.6, 0.6]) == (5, 5)
+
+
+def test_tci_window_uses_population_std():
+    w = TCIWindow(3)
+    for s in (0.5, 0.506, 0.512):
+        w.push(s)
+    assert w.full and math.isclose(w.std(), 0.004898979, rel_tol=1e-6)
+    assert w.previous == 0.506 and w.latest == 0.512
+
+
+def test_tci_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="order"):
+        TCI(order="sideways")
+    with pytest.raises(ValueError, match="window"):
+        TCI(window=0)
+    with pytest.raises(ValueError, match="similarity"):
+        TCI(similarity="psnr")
+
+
+def test_iterstop_paper_rule_discards_the_non_improving_update():
+    seq = [0.52, 0.53, 0.532, 0.6]
+    assert simulate_controller(IterStop(), seq, initial_similarity=0.5, coarsest=True) == (3, 2)
+    assert simulate_controller(IterStop(), seq, initial_similarity=0.5, coarsest=False) == (3, 2)
+    # the first update is judged against the starting field
+    assert simulate_controller(IterStop(), seq, initial_similarity=0.6, coarsest=False) == (1, 0)
+    # the k_max-th update is checked too
+    nine_then_flat = [0.1 * i for i in range(1, 10)] + [0.9]
+    assert simulate_controller(IterStop(), nine_then_flat, initial_similarity=0.0) == (10, 9)
+
+
+def test_iterstop_faithful_mode_reproduces_the_published_decisions():
+    seq = [0.52, 0.53, 0.532, 0.6]
+    f = IterStop(faithful=True)
+    # coarsest level: compared with 0, not with the starting field; a non-improving update is discarded
+    assert simulate_controller(f, seq, initial_similarity=0.6, coarsest=True) == (3, 2)
+    # finer levels: the non-improving update is kept
+    assert simulate_controller(f, seq, initial_similarity=0.5, coarsest=False) == (3, 3)
+    # finer levels: a starting field with NCC below delta stops before any update
+    assert simulate_controller(f, seq, initial_similarity=0.004, coarsest=False) == (0, 0)
+    # finer levels: the 10th update is never checked
+    nine_then_flat = [0.1 * i for i in range(1, 10)] + [0.9]
+    assert simulate_controller(f, nine_then_flat, initial_similarity=0.05, coarsest=False) == (10, 10)
+    assert f.similarity is global_ncc_iirp
+
+
+def test_fixed_and_single_pass():
+    assert simulate_controller(SinglePass(), [0.0] * 5) == (1, 1)
+    assert simulate_controller(FixedIterations(3), [None] * 5) == (3, 3)
+    with pytest.raises(ValueError):
+        FixedIterations(0)
+
+
+def test_similarities_values_and_constant_images():
+    torch.manual_seed(0)
+    a = torch.rand(2, 1, 6, 7)
+    b = 3 * a + 1
+    assert torch.allclose(global_ncc(a, b), torch.ones(2), atol=1e-6)
+    assert torch.allclose(global_ncc(a, -b), -torch.ones(2), atol=1e-6)
+    n = a[0].numel()
+    assert torch.allclose(global_ncc_iirp(a, b), torch.full((2,), (n - 1) / n), atol=1e-6)
+    const = torch.full_like(a, 0.3)
+    for fn in (global_ncc, global_ncc_iirp):
+        v = fn(const, a)
+        assert torch.equal(v, torch.zeros(2))
+    assert torch.allclose(negative_mse(a, a + 0.5), torch.full((2,), -0.25))
+    assert torch.allclose(negative_mae(a, a - 0.5), torch.full((2,), -0.5))
+
+
+def test_controlled_refinement_is_per_sample():
+    """Each sample stops on its own; samples that stopped are not updated again."""
+    ddf = torch.zeros(3, 2, 4, 4)
+    targets = torch.tensor([1.0, 3.0, 6.0])  # sample b's similarity saturates after targets[b] updates
+    calls = []
+
+    def update(u, index, k):
+        calls.append(index.tolist())
+        return u + 1.0
+
+    def evaluate(u, index):
+        steps = u[:, 0, 0, 0]
+        return -(steps - targets[index]).clamp_min(0) * 0 + torch.minimum(steps, targets[index]) * 0.1
+
+    out, kept, trace = controlled_refinement(TCI(), ddf, update, evaluate)
+    # sample 0 flat from k=1 -> stops at 3; sample 1 flat from k=3 -> window flat at k=5; sample 2 at k=8
+    assert kept.tolist() == [3, 5, 8]
+    assert out[:, 0, 0, 0].tolist() == [3.0, 5.0, 8.0]
+    assert calls[0] == [0, 1, 2] and calls[4] == [1, 2] and calls[7] == [2]
+    assert torch.isnan(trace[0, 4:]).all() and math.isclose(trace[2, 8].item(), 0.6, rel_tol=1e-6)
