@@ -158,3 +158,18 @@ def test_generic_pyramid_accepts_any_encoder_decoder_pair():
     assert ddf.shape == (2, 2, 20, 20) and net.last_iterations.shape == (2, 3)
     with pytest.raises(ValueError, match="levels"):
         PyramidRegistrationNet(enc, decs[:2])
+
+
+def test_autocast_gives_the_float32_decisions():
+    torch.manual_seed(0)
+    net = iPEAR(3).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    y = torch.roll(x, 1, 2)
+    with torch.no_grad():
+        ref = net(x, y)
+        its = net.last_iterations.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, y)
+    assert out.dtype == torch.float32  # fields are composed in float32
+    assert torch.equal(net.last_iterations, its)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
