@@ -9,3 +9,7 @@ __version__ = "0.1.0"
 
 from .controllers import *  # noqa: F401,F403
 from .networks import *  # noqa: F401,F403
+from .data import *  # noqa: F401,F403
+from .engines import *  # noqa: F401,F403
+from .losses import *  # noqa: F401,F403
+from .metrics import *  # noqa: F401,F403

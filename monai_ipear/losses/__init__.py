@@ -1,0 +1,1 @@
+from .registration import RegistrationLoss
