@@ -1,1 +1,10 @@
 from .registration import RegistrationLoss
+from .smgicnet import (
+    FieldSmoothnessLoss,
+    GradICONLoss,
+    InverseConsistencyLoss,
+    MultiLevelNCCLoss,
+    SMGICNetLoss,
+    SymmetricConsistencyLoss,
+    composed_displacement,
+)

@@ -108,7 +108,9 @@ class PyramidRegistrationNet(nn.Module):
             def update(u, index, k, fm=fm, ff=ff, decoder=decoder, coarsest=coarsest):
                 if coarsest and k == 1:  # Algorithm 1: the first update at the coarsest level sees raw features
                     return self.fields.compose(None, decoder(fm[index], ff[index]))
-                return self.fields.compose(u, decoder(self.fields.warp(fm[index], u), ff[index]))
+                # decoders that fuse the previous field themselves (RAN's RA module) receive it as ``previous``
+                extra = {"previous": u} if getattr(decoder, "takes_previous_field", False) else {}
+                return self.fields.compose(u, decoder(self.fields.warp(fm[index], u), ff[index], **extra))
 
             def evaluate(u, index, lvl=lvl, controller=controllers[lvl]):
                 warped = self.fields.warp(moving[index], resize_ddf(u, 2**lvl))
