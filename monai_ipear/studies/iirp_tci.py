@@ -116,7 +116,7 @@ def _load(path: str, scale: bool) -> torch.Tensor:
     return torch.as_tensor(Compose(steps)(path)).float()[None]
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+def iirp_tci_study_cli(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="published IIRP-Net checkpoint (.pt)")
     parser.add_argument("--pair", nargs=4, action="append", required=True,
@@ -148,4 +148,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    iirp_tci_study_cli()
