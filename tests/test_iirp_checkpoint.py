@@ -248,3 +248,22 @@ def test_real_checkpoint_matches_published_forward(real):
     assert faithful.last_iterations[0].flip(0).tolist() == counts
     assert sum(counts) > 4  # the check is not vacuous: IterStop iterated somewhere
     assert (got - ref_it).abs().max() < 1e-4
+
+
+def test_study_table_on_a_tiny_pair():
+    """The study command's core (same weights, several controllers) on a tiny labelled pair."""
+    from monai_ipear import FixedIterations
+    from monai_ipear.studies.iirp_tci import format_study_table, run_iirp_tci_study
+
+    torch.manual_seed(0)
+    net = RPNet()
+    x, y = _blobs(size=(16, 16, 16), seed=4)
+    lab_x, lab_y = (x > 0.5).float() + (x > 0.7).float(), (y > 0.5).float() + (y > 0.7).float()
+    results = run_iirp_tci_study(
+        net, [(x, lab_x, y, lab_y)], labels=[1, 2], controllers={"one": SinglePass(), "three": FixedIterations(3)}, log=lambda s: None
+    )
+    assert results["one"]["iterations"] == [[1, 1, 1, 1]] and results["three"]["iterations"] == [[3, 3, 3, 3]]
+    assert 0.0 <= results["one"]["dice"][0] <= 100.0
+    table = format_study_table(results).splitlines()
+    assert len(table) == 4 and table[3].startswith("| three |") and table[3].endswith("| 3.0 / 3.0 / 3.0 / 3.0 |")
+    assert f"{results['one']['dice'][0]:.2f}" in table[2]
