@@ -162,3 +162,21 @@ def test_evaluation_workflow_writes_csv_and_summary(tmp_path):
         assert summary["metrics"][col]["std"] == pytest.approx(np.std(vals), rel=1e-6, abs=1e-9)
         assert summary["metrics"][col]["n"] == 2
     assert all(0.0 <= float(r["dice_mean"]) <= 1.0 and float(r["time_s"]) > 0 for r in rows)
+
+
+def test_training_on_own_nifti_data_is_one_override(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_nifti_dataset(str(data))  # 2 subjects -> 2 ordered pairs per split
+    run(
+        run_id="training",
+        config_file=os.path.join(CONFIGS, "train.json"),
+        bundle_root=str(tmp_path),
+        dataset_dir=str(data),
+        datalist=str(data / "dataset.json"),
+        num_classes=4,
+        max_epochs=1,
+        val_interval=1,
+        **COMMON,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
