@@ -1,0 +1,8 @@
+"""``python -m monai_ipear register | warp | jacobian``: see :mod:`monai_ipear.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Command-line interface: ``python -m monai_ipear register | warp | jacobian`` (built with ``fire``).
+
+- ``register``: register a moving image onto a fixed image with a trained network and write the same files as
+  the bundle's ``inference`` workflow (``<moving>_to_<fixed>_warped.nii.gz``, ``_ddf.nii.gz``,
+  ``_warped_label.nii.gz`` with ``--moving-label``, ``iterations.csv``), through the same MONAI evaluator,
+  :class:`~monai_ipear.engines.RegistrationEvalIteration` and
+  :class:`~monai_ipear.engines.RegistrationOutputWriter`. ``--prealign affine`` first aligns the moving image
+  (and label) affinely with ITK and resamples it onto the fixed image's grid.
+- ``warp``: apply a saved DDF to another image (bilinear) or label map (``--label``: nearest).
+- ``jacobian``: Jacobian-determinant map of a saved DDF and the percentage of folding voxels.
+
+Errors in the arguments or in the input files are reported as one line on stderr (``error: ...``) with exit
+code 2; set ``MONAI_IPEAR_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+__all__ = ["RegistrationCLIError", "register", "warp", "jacobian", "affine_prealign", "main"]
+
+
+class RegistrationCLIError(ValueError):
+    """A bad argument or an unreadable input file (reported as one line, exit code 2)."""
+
+
+_PROGRESS_STREAM = None  # the real stderr while ``main`` collects fire's messages
+_OPEN_BARS: list = []  # closed by ``main`` before an error line, so the error starts on its own line
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, file=_PROGRESS_STREAM or sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}",
+                disable=os.environ.get("MONAI_IPEAR_QUIET", "0") == "1")
+    _OPEN_BARS.append(bar)
+    return bar
+
+
+def _check_file(path, what: str) -> str:
+    if path is None or str(path) == "":
+        raise RegistrationCLIError(f"--{what} is required.")
+    path = str(path)
+    if not os.path.isfile(path):
+        raise RegistrationCLIError(f"{what} file not found: {path}")
+    return path
+
+
+def _load(path: str, what: str):
+    """Read an image with MONAI's ``LoadImage`` (channel first); unreadable files raise a one-line error."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    try:
+        img = LoadImage(image_only=True)(path)
+        return EnsureChannelFirst()(img)
+    except Exception as e:  # MONAI's reader errors are multi-line lists of every reader's failure
+        raise RegistrationCLIError(f"cannot read {what} file {path}: {type(e).__name__}") from e
+
+
+def _check_readable(path: str, what: str) -> tuple:
+    return tuple(_load(path, what).shape[1:])
+
+
+def _device(device):
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise RegistrationCLIError(f"invalid --device '{device}'.") from e
+
+
+def _build_network(spatial_dims: int, config, model: str, device: torch.device) -> torch.nn.Module:
+    """``network_def`` of a bundle config (default: ``iPEAR(spatial_dims)``) with the weights of ``model``."""
+    import monai_ipear  # noqa: F401 - registers the package's names for the config parser
+    from monai.bundle import ConfigParser
+
+    if config is None:
+        from monai_ipear.networks import iPEAR
+
+        net = iPEAR(spatial_dims=spatial_dims)
+    else:
+        files = [str(c) for c in (config if isinstance(config, (list, tuple)) else str(config).split(","))]
+        for f in files:
+            _check_file(f, "config")
+        parser = ConfigParser()
+        parser.read_config(files)
+        if "network_def" not in parser:
+            raise RegistrationCLIError(f"config {files} has no 'network_def'.")
+        parser["spatial_dims"] = spatial_dims
+        net = parser.get_parsed_content("network_def", instantiate=True)
+    try:
+        state = torch.load(model, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RegistrationCLIError(f"cannot read model file {model}: {type(e).__name__}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a full training checkpoint (model_final.pt)
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise RegistrationCLIError(
+            f"model file {model} does not match the network {type(net).__name__} (pass --config with the "
+            f"network_def it was trained with)."
+        ) from e
+    return net.to(device).eval()
+
+
+def affine_prealign(fixed: str, moving: str, out_prefix: str, moving_label: str | None = None,
+                    iterations: int = 200) -> dict:
+    """Affine pre-alignment of ``moving`` onto ``fixed`` with ITK (the package has no affine network).
+
+    ITK's ``ImageRegistrationMethodv4``: centre-of-mass-initialised ``AffineTransform``, Mattes mutual information
+    (32 bins), regular-step gradient descent with physical-shift scales, 3 levels (shrink 4/2/1, smoothing
+    2/1/0 voxels). The moving image is resampled onto the fixed image's grid (linear; the label map: nearest).
+
+    Writes ``<out_prefix>_moving_affine.nii.gz``, ``<out_prefix>_moving_label_affine.nii.gz`` (with a label)
+    and the transform ``<out_prefix>_affine.tfm``; returns their paths (keys ``moving``, ``moving_label``,
+    ``transform``).
+    """
+    import itk
+
+    fixed_img = itk.imread(fixed, itk.F)
+    moving_img = itk.imread(moving, itk.F)
+    dim = fixed_img.GetImageDimension()
+    image_type = type(fixed_img)
+    transform = itk.AffineTransform[itk.D, dim].New()
+    # moments initialisation (ITK wraps CenteredTransformInitializer for rigid transforms only): rotation centre
+    # at the fixed image's centre of mass, translation = moving minus fixed centre of mass
+    centres = []
+    for img in (fixed_img, moving_img):
+        moments = itk.ImageMomentsCalculator[image_type].New(Image=img)
+        moments.Compute()
+        centres.append(np.asarray(moments.GetCenterOfGravity(), dtype=float))
+    transform.SetCenter([float(v) for v in centres[0]])
+    transform.SetTranslation([float(v) for v in centres[1] - centres[0]])
+    metric = itk.MattesMutualInformationImageToImageMetricv4[image_type, image_type].New(NumberOfHistogramBins=32)
+    optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
+        LearningRate=1.0, MinimumStepLength=1e-4, RelaxationFactor=0.5, NumberOfIterations=int(iterations))
+    scales = itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New(Metric=metric)
+    optimizer.SetScalesEstimator(scales)
+    reg = itk.ImageRegistrationMethodv4[image_type, image_type].New(
+        FixedImage=fixed_img, MovingImage=moving_img, Metric=metric, Optimizer=optimizer,
+        InitialTransform=transform, InPlace=True)
+    reg.SetNumberOfLevels(3)
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.Update()
+
+    out = {"moving": f"{out_prefix}_moving_affine.nii.gz", "transform": f"{out_prefix}_affine.tfm"}
+    resampled = itk.resample_image_filter(moving_img, transform=transform, use_reference_image=True,
+                                          reference_image=fixed_img)
+    itk.imwrite(resampled, out["moving"])
+    if moving_label is not None:
+        label_img = itk.imread(moving_label, itk.F)
+        nearest = itk.NearestNeighborInterpolateImageFunction[type(label_img), itk.D].New()
+        lab = itk.resample_image_filter(label_img, transform=transform, interpolator=nearest,
+                                        use_reference_image=True, reference_image=fixed_img)
+        lab = itk.cast_image_filter(lab, ttype=(type(lab), itk.Image[itk.SS, dim]))
+        out["moving_label"] = f"{out_prefix}_moving_label_affine.nii.gz"
+        itk.imwrite(lab, out["moving_label"])
+    itk.transformwrite([transform], out["transform"])
+    return out
+
+
+class _MovingLabelWarper:
+    """Adds ``warped_label`` (nearest-neighbour ``Warp``) to the evaluator's output when only the MOVING label
+    is given: the bundle iteration warps labels only when both labels are present (for Dice)."""
+
+    def __init__(self, key: str = "moving_label") -> None:
+        from monai.networks.blocks import Warp
+
+        self.key = key
+        self.warp = Warp(mode="nearest", padding_mode="zeros")
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        out, batch = engine.state.output, engine.state.batch
+        if "warped_label" in out or self.key not in batch:
+            return
+        ddf = out["ddf"]
+        label = torch.as_tensor(batch[self.key]).as_subclass(torch.Tensor).to(ddf.device, torch.float32)
+        out["warped_label"] = self.warp(label, ddf)
+
+
+def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="models/model.pt",
+             prealign=None, config=None, device=None, ddf_units="voxel") -> dict:
+    """Register MOVING onto FIXED and write the bundle inference files into OUT_DIR.
+
+    Args:
+        fixed: fixed image (NIfTI or any format ITK reads).
+        moving: moving image, on the fixed image's grid unless ``--prealign affine``.
+        out_dir: output folder (created).
+        moving_label: optional label map of the moving image, warped with nearest-neighbour sampling.
+        model: trained weights (a state dict such as the bundle's ``models/model.pt``, or a training
+            checkpoint with a ``model`` entry).
+        prealign: ``affine`` for ITK affine pre-alignment (resampling onto the fixed grid); default none.
+        config: bundle config file(s) (comma-separated) whose ``network_def`` the model was trained with;
+            default ``iPEAR`` with the image's number of spatial dimensions.
+        device: e.g. ``cpu`` or ``cuda:0`` (default: the GPU when present).
+        ddf_units: ``voxel`` (default) or ``mm``, as in the bundle's ``ddf_units``.
+
+    Returns a dict of the written paths and the TCI iterations per level (printed on stdout).
+    """
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+
+    from monai_ipear.data import pair_name, registration_pair_transforms
+    from monai_ipear.engines import RegistrationEvalIteration, RegistrationOutputWriter
+
+    fixed, moving = _check_file(fixed, "fixed"), _check_file(moving, "moving")
+    if out_dir is None or str(out_dir) == "":
+        raise RegistrationCLIError("--out-dir is required.")
+    if moving_label is not None:
+        moving_label = _check_file(moving_label, "moving-label")
+    model = _check_file(model, "model")
+    if prealign not in (None, "none", "affine"):
+        raise RegistrationCLIError(f"--prealign must be 'affine' (or omitted), got '{prealign}'.")
+    if ddf_units not in ("voxel", "mm"):
+        raise RegistrationCLIError(f"--ddf-units must be 'voxel' or 'mm', got '{ddf_units}'.")
+    dev = _device(device)
+    out_dir = str(out_dir)
+    name = pair_name(moving, fixed)
+    steps = _progress(5 if prealign == "affine" else 4, f"register {name}")
+
+    fixed_shape = _check_readable(fixed, "fixed")
+    moving_shape = _check_readable(moving, "moving")
+    if moving_label is not None:
+        label_shape = _check_readable(moving_label, "moving-label")
+        if label_shape != moving_shape:
+            raise RegistrationCLIError(f"moving label shape {label_shape} differs from moving image shape {moving_shape}.")
+    steps.set_postfix_str("inputs read")
+    steps.update()
+    os.makedirs(out_dir, exist_ok=True)
+    written = {}
+    if prealign == "affine":
+        pre = affine_prealign(fixed, moving, os.path.join(out_dir, name), moving_label)
+        moving, moving_label = pre["moving"], pre.get("moving_label", moving_label)
+        written.update({"prealigned": pre["moving"], "affine": pre["transform"]})
+        moving_shape = fixed_shape
+        steps.set_postfix_str("affine pre-alignment done")
+        steps.update()
+    elif moving_shape != fixed_shape:
+        raise RegistrationCLIError(
+            f"moving {moving_shape} and fixed {fixed_shape} are not on the same grid; use --prealign affine.")
+    spatial_dims = len(fixed_shape)
+    net = _build_network(spatial_dims, config, model, dev)
+    steps.set_postfix_str(f"{type(net).__name__} loaded on {dev}")
+    steps.update()
+
+    item = {"moving_image": moving, "fixed_image": fixed, "pair": name}
+    label_keys = ()
+    if moving_label is not None:
+        item["moving_label"] = moving_label
+        label_keys = ("moving_label",)
+    loader = DataLoader(Dataset([item], registration_pair_transforms(label_keys=label_keys)), batch_size=1,
+                        num_workers=0)
+    writer = RegistrationOutputWriter(output_dir=out_dir, ddf_units=ddf_units)
+    evaluator = SupervisedEvaluator(
+        device=dev, val_data_loader=loader, network=net, iteration_update=RegistrationEvalIteration(),
+        decollate=False, val_handlers=[_MovingLabelWarper(), writer],
+    )
+    start = time.perf_counter()
+    evaluator.run()
+    steps.set_postfix_str(f"registered in {time.perf_counter() - start:.2f} s")
+    steps.update()
+    out = evaluator.state.output
+    prefix = os.path.join(out_dir, name)
+    written.update({"warped": f"{prefix}_warped.nii.gz", "ddf": f"{prefix}_ddf.nii.gz",
+                    "iterations_csv": os.path.join(out_dir, "iterations.csv")})
+    if moving_label is not None:
+        written["warped_label"] = f"{prefix}_warped_label.nii.gz"
+    if "iterations" in out:
+        written["iterations_per_level"] = [int(v) for v in out["iterations"][0]]
+    steps.set_postfix_str(f"outputs written to {out_dir}")
+    steps.update()
+    steps.close()
+    return written
+
+
+def _load_ddf(ddf: str, ddf_units: str):
+    """A saved DDF ``(*spatial, spatial_dims)`` NIfTI -> ``(1, spatial_dims, *spatial)`` voxel tensor, affine."""
+    from monai_ipear.engines import ddf_to_mm
+
+    field = _load(_check_file(ddf, "ddf"), "ddf")
+    sd = field.shape[0]
+    if field.ndim - 1 != sd or sd not in (2, 3):
+        raise RegistrationCLIError(
+            f"{ddf} is not a displacement field: expected one component per spatial axis, got shape "
+            f"{tuple(field.shape[1:]) + (sd,)}.")
+    affine = field.affine.double()
+    t = field.as_tensor().float()
+    if ddf_units == "mm":  # back to voxels: the inverse of the linear part of the fixed image's affine
+        t = ddf_to_mm(t, torch.linalg.inv(affine[:sd, :sd]))
+    elif ddf_units != "voxel":
+        raise RegistrationCLIError(f"--ddf-units must be 'voxel' or 'mm', got '{ddf_units}'.")
+    return t[None], affine
+
+
+def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
+    """Apply a saved DDF (``register``'s ``_ddf.nii.gz``) to IMAGE on the fixed grid and write OUT.
+
+    Args:
+        image: image or label map on the same grid as the moving image the field was computed for.
+        ddf: the displacement field file.
+        out: output file (written with the DDF's, i.e. the fixed image's, affine).
+        label: nearest-neighbour sampling and integer output (for label maps); default bilinear, float.
+        ddf_units: units the DDF was saved in (``voxel`` or ``mm``).
+    """
+    from monai.networks.blocks import Warp
+
+    from monai_ipear.engines import RegistrationOutputWriter
+
+    image = _check_file(image, "image")
+    if out is None or str(out) == "":
+        raise RegistrationCLIError("--out is required.")
+    if not isinstance(label, bool):
+        raise RegistrationCLIError(f"--label is a flag (true/false), got '{label}'.")
+    steps = _progress(3, f"warp {os.path.basename(image)}")
+    field, affine = _load_ddf(ddf, ddf_units)
+    img = _load(image, "image")
+    if tuple(img.shape[1:]) != tuple(field.shape[2:]):
+        raise RegistrationCLIError(f"image grid {tuple(img.shape[1:])} differs from the field's {tuple(field.shape[2:])}.")
+    steps.update()
+    warped = Warp(mode="nearest" if label else "bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)
+    steps.update()
+    os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
+    RegistrationOutputWriter._save(warped[0], affine, str(out), dtype=np.int16 if label else np.float32)
+    steps.set_postfix_str(f"wrote {out}")
+    steps.update()
+    steps.close()
+    return str(out)
+
+
+def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
+    """Jacobian determinant of ``x -> x + ddf(x)`` (voxel units) and the percentage of voxels with det <= 0.
+
+    Args:
+        ddf: the displacement field file.
+        out: output NIfTI of the determinant map (optional; only the folding percentage when omitted).
+        mask: optional mask on the field's grid (nonzero voxels are counted).
+        ddf_units: units the DDF was saved in (``voxel`` or ``mm``).
+    """
+    from monai_ipear.engines import RegistrationOutputWriter
+    from monai_ipear.metrics import folding_percentage, jacobian_determinant
+
+    steps = _progress(2, "jacobian")
+    field, affine = _load_ddf(ddf, ddf_units)
+    m = None
+    if mask is not None:
+        m = _load(_check_file(mask, "mask"), "mask").as_tensor()[None]
+        if tuple(m.shape[2:]) != tuple(field.shape[2:]):
+            raise RegistrationCLIError(f"mask grid {tuple(m.shape[2:])} differs from the field's {tuple(field.shape[2:])}.")
+    det = jacobian_determinant(field)
+    folding = float(folding_percentage(field, m)[0])
+    steps.update()
+    result = {"folding_percent": folding, "det_min": float(det.min()), "det_max": float(det.max())}
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
+        RegistrationOutputWriter._save(det[0], affine, str(out))
+        result["jacobian"] = str(out)
+    steps.set_postfix_str(f"folding {folding:.4f} %")
+    steps.update()
+    steps.close()
+    return result
+
+
+COMMANDS = {"register": register, "warp": warp, "jacobian": jacobian}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m monai_ipear``; returns the exit code (0, or 2 on a reported error)."""
+    import fire
+    from fire.core import FireExit
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: python -m monai_ipear {register,warp,jacobian} [--help] [args]\n"
+              "  register --fixed F --moving M --out-dir D [--moving-label L] [--model models/model.pt] "
+              "[--prealign affine] [--config C] [--device cpu] [--ddf-units voxel|mm]\n"
+              "  warp     --image I --ddf D --out O [--label] [--ddf-units voxel|mm]\n"
+              "  jacobian --ddf D [--out O] [--mask M] [--ddf-units voxel|mm]")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command '{argv[0]}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    import inspect
+
+    known = list(inspect.signature(COMMANDS[argv[0]]).parameters)
+    for arg in argv[1:]:  # reject unknown flags before anything runs (fire would run the command first)
+        flag = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        if flag is None or flag in known or flag == "help" or (flag.startswith("no") and flag[2:] in known):
+            continue
+        print(f"error: unknown option --{flag.replace('_', '-')} for '{argv[0]}'; options: "
+              f"{', '.join('--' + k.replace('_', '-') for k in known)}.", file=sys.stderr)
+        return 2
+    debug = os.environ.get("MONAI_IPEAR_DEBUG", "0") == "1"
+    import contextlib
+    import io
+
+    global _PROGRESS_STREAM
+    _PROGRESS_STREAM = sys.stderr
+    fire_err = io.StringIO()
+    try:
+        # fire's own usage errors (unknown flag, missing value) go to stderr as several lines: keep the first
+        with contextlib.redirect_stderr(fire_err) if "--help" not in argv else contextlib.nullcontext():
+            results: list = []
+            fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"monai_ipear {argv[0]}",
+                      serialize=lambda x: results.append(x))  # printed below, one "key: value" per line
+            result = results[0] if results else None
+    except FireExit as e:
+        if e.code in (0, None):
+            return 0
+        lines = [ln for ln in fire_err.getvalue().splitlines() if ln.startswith("ERROR:")]
+        msg = lines[0][len("ERROR:"):].strip() if lines else "invalid arguments"
+        print(f"error: {msg} (see python -m monai_ipear --help)", file=sys.stderr)
+        return 2
+    except Exception as e:  # one clear line instead of a traceback
+        for bar in _OPEN_BARS:
+            bar.close()
+        if debug:
+            raise
+        text = str(e).strip().splitlines()
+        print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        _PROGRESS_STREAM = None
+        _OPEN_BARS.clear()
+    sys.stderr.write(fire_err.getvalue())
+    if isinstance(result, dict):
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    elif result is not None:
+        print(result)
+    return 0
