@@ -13,3 +13,4 @@ from .data import *  # noqa: F401,F403
 from .engines import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .metrics import *  # noqa: F401,F403
+from .export import ExportableRegistrationNet  # noqa: F401

@@ -163,7 +163,8 @@ def controlled_refinement(
     k = 0
     while any(active):
         k += 1
-        index = torch.tensor([b for b in range(batch) if active[b]], device=ddf.device)
+        active_samples = [b for b in range(batch) if active[b]]  # a Python list: no tensor->list sync (torch.export)
+        index = torch.tensor(active_samples, device=ddf.device)
         proposal = update(ddf[index], index, k)
         sims = [None] * len(index)
         if needs_sim:
@@ -171,7 +172,7 @@ def controlled_refinement(
                 s_t = evaluate(proposal, index).detach().float().cpu()
             sims = s_t.tolist()
         accepted: list[int] = []
-        for j, b in enumerate(index.tolist()):
+        for j, b in enumerate(active_samples):
             if sims[j] is not None:
                 trace[b, k] = sims[j]
             decision = sessions[b].step(sims[j])

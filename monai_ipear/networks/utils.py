@@ -32,6 +32,8 @@ def check_registration_pair(
             f"spatial size {tuple(moving.shape[2:])} of input shape {tuple(moving.shape)} is too small: every axis "
             f"needs at least {min_size} voxels for this network's number of levels."
         )
+    if torch.compiler.is_compiling():  # torch.export / torch.compile: no data-dependent branch in the graph
+        return
     for name, t in (("moving", moving), ("fixed", fixed)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} {tuple(t.shape)} contains NaN or Inf values.")
