@@ -1,0 +1,199 @@
+"""Benchmark harness, report, plots and speed study on tiny synthetic data."""
+
+import json
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_ipear.benchmark import (
+    BenchmarkMethod,
+    PeakMemory,
+    VoxelMorphDDF,
+    build_method,
+    format_report,
+    mean_sd,
+    run_benchmark,
+    speed_study,
+    time_call,
+)
+from monai_ipear.benchmark.plots import has_matplotlib, write_plots
+
+
+def _square_pair(shift: int = 3, size: int = 32):
+    """2D pair: a labelled square in the fixed image, the same square shifted by ``shift`` along axis 0 in the
+    moving image, so ddf = +shift along axis 0 aligns it exactly."""
+    fixed = torch.zeros(1, 1, size, size)
+    fixed[..., 8:20, 10:22] = 1.0
+    fixed[..., 12:16, 14:18] = 2.0  # a second label inside
+    moving = torch.roll(fixed, shifts=shift, dims=2)
+    return {"moving_image": moving / 2, "fixed_image": fixed / 2, "moving_label": moving.clone(),
+            "fixed_label": fixed.clone(), "pair": "square"}
+
+
+def _constant(name: str, shift: float):
+    def register(moving, fixed):
+        ddf = torch.zeros(1, 2, *fixed.shape[2:])
+        ddf[:, 0] = shift
+        return ddf
+
+    return BenchmarkMethod(name, register)
+
+
+def test_time_call_counts_warmup_and_repeats():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.01)
+        return x + 1
+
+    out, times, peak = time_call(fn, 1, repeats=3, warmup=2)
+    assert out == 2 and len(calls) == 5 and len(times) == 3
+    assert all(0.009 < t < 1.0 for t in times)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory() as small:
+        torch.zeros(10)
+    with PeakMemory() as big:
+        x = torch.ones(64, 2**20)  # 256 MiB, touched
+        time.sleep(0.05)
+        del x
+    assert big.peak_mb > 200, big.peak_mb
+    assert small.peak_mb < 50
+
+
+def test_run_benchmark_values_with_known_fields():
+    pair = _square_pair(shift=3)
+    methods = [_constant("exact", 3.0), _constant("identity", 0.0), BenchmarkMethod("ants-syn", None, note="skipped")]
+    logs = []
+    res = run_benchmark(methods, [pair], repeats=2, warmup=1, log=logs.append)
+    assert set(res) == {"exact", "identity"} and any("skipped" in m for m in logs)
+    exact, ident = res["exact"][0], res["identity"][0]
+    assert exact["dice_mean"] == pytest.approx(1.0) and exact["hd95_mean"] == pytest.approx(0.0)
+    assert exact["folding_pct"] == 0.0 and len(exact["times_s"]) == 2
+    # identity: label 1 is a 12x12 ring-shaped region minus the inner 4x4; shifted by 3 rows
+    f, m = pair["fixed_label"][0, 0], pair["moving_label"][0, 0]
+    for v in (1, 2):
+        want = 2 * float(((f == v) & (m == v)).sum()) / float((f == v).sum() + (m == v).sum())
+        assert ident[f"dice_{v}"] == pytest.approx(want)
+    assert ident["dice_2"] == pytest.approx(0.25)  # 4x4 squares overlapping by 1 row of 4
+    assert ident["iterations"] is None
+
+
+def test_learned_methods_share_weights_and_record_iterations():
+    torch.manual_seed(0)
+    base = build_method("ipear", spatial_dims=2)
+    fixed3 = build_method("ipear-fixed3", {"ipear": base.network}, spatial_dims=2)
+    assert fixed3.parameters == base.parameters and "random" not in fixed3.note
+    assert fixed3.network.encoder is base.network.encoder  # same weights
+    pair = _square_pair()
+    res = run_benchmark([fixed3, base], [pair], repeats=1, warmup=0, surface=False)
+    assert res["ipear-fixed3"][0]["iterations"] == [3, 3, 3, 3]
+    assert all(1 <= k <= 10 for k in res["ipear"][0]["iterations"])
+    assert type(base.network.controller).__name__ == "TCI"  # the copy did not change the original
+    iirp = build_method("iirpnet", spatial_dims=2)
+    assert type(iirp.network.controller).__name__ == "IterStop" and "random" in iirp.note
+
+
+def test_voxelmorph_wrapper_returns_monai_ddf():
+    torch.manual_seed(0)
+    net = VoxelMorphDDF(spatial_dims=2).eval()
+    m, f = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(m, f), net.net(m, f)[1])
+
+
+def test_unavailable_method_has_a_visible_note():
+    ants = build_method("ants-syn")
+    if ants.available:
+        assert ants.timed_once
+    else:
+        assert "skipped" in ants.note and "antspyx" in ants.note
+    with pytest.raises(ValueError):
+        build_method("no-such-method")
+
+
+def test_report_has_rows_and_statistics():
+    res = {"exact": [{"pair": "a", "time_s": 1.0, "peak_mb": 10.0, "dice_mean": 0.8, "dice_1": 0.8, "folding_pct": 0.0,
+                      "iterations": [3, 3, 4, 5]},
+                     {"pair": "b", "time_s": 3.0, "peak_mb": 30.0, "dice_mean": 0.6, "dice_1": 0.6, "folding_pct": 0.1,
+                      "iterations": [3, 3, 4, 3]}],
+           "voxelmorph": [{"pair": "a", "time_s": 0.5, "peak_mb": 5.0, "dice_mean": 0.5, "folding_pct": 1.0, "iterations": None}]}
+    text = format_report(res, {"exact": 1234, "voxelmorph": None}, "python -m monai_ipear.benchmark --x", ["a note"],
+                         speed=[{"size": [8, 8], "method": "ipear", "time_s": 2.0, "peak_mb": 1.0, "ipear_ratio": 1.0}],
+                         training=[{"method": "ipear", "budget_min": 1, "max_steps": None, "wall_min": 1.2, "steps": 7, "epochs": 1,
+                                    "final_loss": -0.3}],
+                         machine={"cpu": "test cpu"})
+    assert "python -m monai_ipear.benchmark --x" in text and "test cpu" in text and "a note" in text
+    rows = [l for l in text.splitlines() if l.startswith("| exact |")]
+    assert rows == ["| exact | 1,234 | 2.000 (1.414) | 20 (14) | 70.00 (14.14) | n/a | n/a | 0.0500 (0.0707) "
+                    "| 4.00 / 4.00 / 3.00 / 3.00 | 2 |"]
+    assert "| MONAI VoxelMorph | - | 0.500 | 5 | 50.00 |" in text
+    assert "| iPEAR (TCI) | 1 min | 1.2 | 7 | 1 | -0.3000 |" in text
+    assert "| 8x8 | 1 | no | iPEAR (TCI) | 2.000 |" in text and "| 1.00 |" in text
+    assert mean_sd([1.0, float("nan"), 3.0], "{:.1f}") == "2.0 (1.4)" and mean_sd([]) == "n/a"
+
+
+def test_speed_study_ratios():
+    torch.manual_seed(0)
+    base = build_method("rpnet", spatial_dims=2).network
+    nets = {"ipear": build_method("ipear-fixed3", {"ipear": build_method("ipear", spatial_dims=2).network}, spatial_dims=2).network,
+            "rpnet": base}
+    pair = _square_pair()
+    rows = speed_study(nets, pair["moving_image"], pair["fixed_image"], [(16, 24)], repeats=1, warmup=0,
+                       batch_sizes=(1, 2), log=lambda *_: None)
+    assert len(rows) == 4
+    for r in rows:
+        ref = next(x for x in rows if x["method"] == "ipear" and x["batch"] == r["batch"])
+        assert r["ipear_ratio"] == pytest.approx(ref["time_s"] / r["time_s"])
+        assert r["size"] == [16, 24]
+    assert rows[0]["iterations"] == [3.0] * 4
+
+
+@pytest.mark.skipif(not has_matplotlib, reason="matplotlib not installed (optional extra 'bench')")
+def test_plots_are_png_files(tmp_path):
+    res = {"ipear": [{"dice_mean": 0.7, "time_s": 1.0, "iterations": [3, 4, 3, 3]},
+                     {"dice_mean": 0.8, "time_s": 1.2, "iterations": [3, 3, 5, 3]}],
+           "rpnet": [{"dice_mean": 0.6, "time_s": 0.2, "iterations": [1, 1, 1, 1]}]}
+    paths = write_plots(res, str(tmp_path))
+    assert len(paths) == 3
+    for p in paths.values():
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 2000
+
+
+def test_command_end_to_end_on_synthetic_files(tmp_path):
+    from monai_ipear.benchmark.__main__ import main
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(4):
+        lab = np.zeros((32, 32, 32), np.float32)
+        lab[8 + i:22 + i, 6:24, 9:23] = 1
+        lab[12 + i:16 + i, 10:15, 12:18] = 2
+        img = lab * 0.4 + rng.random(lab.shape).astype(np.float32) * 0.1
+        for kind, arr in (("img", img), ("lab", lab)):
+            nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / f"s{i}_{kind}.nii.gz")
+        entries.append({"image": f"s{i}_img.nii.gz", "label": f"s{i}_lab.nii.gz"})
+    with open(tmp_path / "dataset.json", "w") as f:
+        json.dump({"training": entries[:2], "validation": entries[2:]}, f)
+    out = tmp_path / "report.md"
+    ran = main(["--datalist", str(tmp_path / "dataset.json"), "--methods", "rpnet", "iirpnet", "ants-syn",
+                "--train-steps", "2", "--models-dir", str(tmp_path / "models"), "--repeats", "1", "--warmup", "0",
+                "--out", str(out)])
+    text = out.read_text()
+    assert "--train-steps 2" in text
+    for row in ("| RP-Net (single pass) | 419,964 |", "| IIRP-Net (RP-Net + IterStop) | 419,964 |"):
+        assert row in text
+    assert "| RP-Net (single pass) | 2 steps |" in text  # training table states the budget
+    assert os.path.exists(tmp_path / "models" / "rpnet.pt")
+    assert len(ran["results"]["rpnet"]) == 2 and ran["training"][0]["steps"] == 2
+    assert "ANTs SyN" in text or "antspyx" in text  # present as a row or as a visible skip note
+    r = ran["results"]["rpnet"][0]
+    assert 0 < r["dice_mean"] <= 1 and r["hd95_mean"] >= 0 and r["pair"] == "s2_img_to_s3_img"
