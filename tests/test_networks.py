@@ -105,6 +105,7 @@ def test_constant_image_never_gives_nan():
         ((1, 2, 16, 16, 16), (1, 2, 16, 16, 16), "1 channel"),
         ((1, 16, 16, 16), (1, 16, 16, 16), "5 dimensions"),
         ((1, 1, 16, 4, 16), (1, 1, 16, 4, 16), "too small"),
+        ((1, 1, 8, 8, 8), (1, 1, 8, 8, 8), "single voxel"),
     ],
 )
 def test_bad_inputs_raise_value_error_with_shapes(moving_shape, fixed_shape, match):

@@ -86,6 +86,11 @@ class PyramidRegistrationNet(nn.Module):
         check_registration_pair(moving, fixed, self.spatial_dims, self.in_channels, min_size=self.divisor)
         moving, spatial = pad_to_divisible(moving, self.divisor)
         fixed, _ = pad_to_divisible(fixed, self.divisor)
+        if all(s == self.divisor for s in moving.shape[2:]):  # instance norms need more than one coarsest voxel
+            raise ValueError(
+                f"input shape {tuple(moving.shape[:2]) + tuple(spatial)} is too small: with {self.levels} levels the "
+                f"coarsest level would hold a single voxel; use at least {2 * self.divisor} voxels along one axis."
+            )
         feats_m = self.encoder(moving)
         feats_f = self.encoder(fixed)
         if len(feats_m) != self.levels:
