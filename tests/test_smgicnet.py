@@ -124,3 +124,13 @@ def test_smgicnet_variant_config():
     m, f = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
     ddf = net(m, f)
     assert torch.isfinite(loss(FieldComposer().warp(m, ddf), f, ddf))
+
+
+def test_smgicnet_velocity_increment_bound():
+    """range_flow bounds each increment by range_flow * (size - 1) / 2 voxels per axis (softsign), monotonically."""
+    net = SMGICNet(2, channels=4, levels=2, range_flow=0.2)
+    raw = torch.tensor([-1e6, -1.0, 0.0, 1.0, 1e6]).view(1, 1, 5, 1).expand(1, 2, 5, 9)
+    dv = net._bound(raw)
+    assert torch.allclose(dv[0, 0, :, 0], 0.2 * 2.0 * torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]), atol=1e-5)
+    assert torch.allclose(dv[0, 1, :, 0], 0.2 * 4.0 * torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]), atol=1e-5)
+    assert torch.equal(SMGICNet(2, range_flow=None)._bound(raw), raw)

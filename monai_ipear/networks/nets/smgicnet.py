@@ -49,9 +49,7 @@ class SMGICLevel(nn.Module):
             Convolution(spatial_dims, 2 * c, c, kernel_size=3, act=LEAKY02, norm=None),
             Convolution(spatial_dims, c, spatial_dims, kernel_size=3, conv_only=True),
         )
-        last = self.out[-1].conv
-        nn.init.normal_(last.weight, std=1e-5)  # start close to the identity transform
-        nn.init.zeros_(last.bias)
+        nn.init.zeros_(self.out[-1].conv.bias)  # no systematic drift at the start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.res_in(self.inp(x))
@@ -77,6 +75,9 @@ class SMGICNet(nn.Module):
         channels: width of each level's network.
         levels: number of resolutions (full resolution is level 1).
         int_steps: scaling-and-squaring steps (SM-GICNet: 7).
+        range_flow: bound of each level's velocity increment as a fraction of the half image size,
+            ``dv = range_flow * (size - 1) / 2 * softsign(out)`` per axis (the reference's ``range_flow * softsign``
+            in normalised coordinates, converted to voxels); ``None``: the raw conv output in voxels.
 
     ``forward(moving, fixed)``: ``(B, C, *spatial)`` each -> forward DDF ``exp(v_AB)`` ``(B, spatial_dims, *spatial)``
     in voxels, pull convention. Sizes are zero-padded to multiples of ``2**levels`` internally. After each call
@@ -88,12 +89,19 @@ class SMGICNet(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int = 3, in_channels: int = 1, channels: int = 16, levels: int = 3, int_steps: int = 7
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        channels: int = 16,
+        levels: int = 3,
+        int_steps: int = 7,
+        range_flow: float | None = 0.4,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.levels = levels
+        self.range_flow = range_flow
         # finest first; the attention gate sits at the finest level only
         self.units = nn.ModuleList(SMGICLevel(spatial_dims, in_channels, channels, attention=(i == 0)) for i in range(levels))
         self.integrate = DVF2DDF(num_steps=int_steps, mode="bilinear", padding_mode="border")
@@ -108,6 +116,12 @@ class SMGICNet(nn.Module):
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.spatial_dims - 1](x, 2)
+
+    def _bound(self, dv: torch.Tensor) -> torch.Tensor:
+        if self.range_flow is None:
+            return dv
+        half = torch.tensor([(s - 1) / 2 for s in dv.shape[2:]], dtype=dv.dtype, device=dv.device)
+        return self.range_flow * half.view(1, -1, *([1] * self.spatial_dims)) * F.softsign(dv)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         check_registration_pair(moving, fixed, self.spatial_dims, self.in_channels, min_size=self.divisor)
@@ -127,7 +141,7 @@ class SMGICNet(nn.Module):
             else:
                 v = resize_ddf(v, 2)
             warped = self.fields.warp(s, self.integrate(v))
-            v = v + self.units[lvl](torch.cat([warped, t, v], 1))
+            v = v + self._bound(self.units[lvl](torch.cat([warped, t, v], 1)))
             ddf = self.integrate(v)
             per_level[lvl] = {"ddf": ddf[:b], "ddf_backward": ddf[b:], "moving": s[:b], "fixed": t[:b]}
         inverse = self.integrate(-v)
