@@ -70,7 +70,7 @@ def test_resume_is_one_override():
     assert all(type(h).__name__ != "CheckpointLoader" for h in parser.get_parsed_content("train#handlers"))
 
 
-def _write_nifti_dataset(root, n=2, size=32):
+def _write_nifti_dataset(root, n=2, size=32, one_pair=False):
     gen = SyntheticPairGenerator(size, num_labels=3, max_displacement=3.0)
     affine = np.array([[0.0, -1.2, 0.0, 40.0], [1.1, 0.0, 0.0, -20.0], [0.0, 0.0, 1.5, 5.0], [0, 0, 0, 1.0]])
     subjects = []
@@ -80,7 +80,11 @@ def _write_nifti_dataset(root, n=2, size=32):
         nib.save(nib.Nifti1Image(p["fixed_label"][0].numpy().astype(np.int16), affine), os.path.join(root, f"s{i}_seg.nii.gz"))
         subjects.append({"image": f"s{i}.nii.gz", "label": f"s{i}_seg.nii.gz"})
     with open(os.path.join(root, "dataset.json"), "w") as f:
-        json.dump({"training": subjects, "validation": subjects}, f)
+        datalist = {"training": subjects, "validation": subjects}
+        if one_pair:  # explicit pair lists: one pair per split keeps the test short
+            pair = [{"moving": subjects[0]["image"], "fixed": subjects[1]["image"]}]
+            datalist.update({"training_pairs": pair, "validation_pairs": pair})
+        json.dump(datalist, f)
     return affine
 
 
@@ -126,7 +130,7 @@ def test_inference_workflow_writes_viewer_correct_outputs(tmp_path, reader):
 def test_inference_ddf_in_mm(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    affine = _write_nifti_dataset(str(data))
+    affine = _write_nifti_dataset(str(data), one_pair=True)
     _small_field_model(str(tmp_path / "model.pt"))
     for units in ("voxel", "mm"):
         run(
@@ -167,7 +171,7 @@ def test_evaluation_workflow_writes_csv_and_summary(tmp_path):
 def test_training_on_own_nifti_data_is_one_override(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    _write_nifti_dataset(str(data))  # 2 subjects -> 2 ordered pairs per split
+    _write_nifti_dataset(str(data), one_pair=True)  # one explicit pair per split
     run(
         run_id="training",
         config_file=os.path.join(CONFIGS, "train.json"),

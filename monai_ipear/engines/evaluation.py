@@ -34,6 +34,14 @@ def summarize_rows(rows: list[dict]) -> dict:
     return summary
 
 
+def _nan_to_none(obj):
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    return obj
+
+
 class RegistrationMetricsWriter:
     """Per pair: Dice per label and mean, HD95 and ASSD in mm (MONAI metrics with the fixed image's spacing),
     % voxels with Jacobian determinant <= 0, MSE, time per pair (s) and TCI iterations per level; after the run
@@ -115,5 +123,5 @@ class RegistrationMetricsWriter:
             w.writerows(self.rows)
         summary = {"num_pairs": len(self.rows), "metrics": summarize_rows(self.rows)}
         with open(os.path.join(self.output_dir, self.summary_name), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(_nan_to_none(summary), f, indent=2)  # strict JSON: undefined values become null
         return summary
