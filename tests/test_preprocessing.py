@@ -100,3 +100,21 @@ def test_chain_masks_boxes_and_scales_without_prealignment():
     # masking: every voxel outside the brain (label 0) is 0 before scaling, so still the minimum after it
     assert torch.all(img[lab == 0] == 0)
     assert int((lab == 5).sum()) == 8 and int((lab == 2).sum()) == 15 * 12 * 16 - 8
+
+
+def test_chain_is_usable_from_a_bundle_config():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"pre": {"_target_": "real_scan_preprocessing", "image_key": "image", "label_key": "label",
+                                   "template_image_key": None, "template_mask_key": None, "load": False,
+                                   "margin": 0, "k_divisible": 4}})
+    chain = parser.get_parsed_content("pre")
+    label = torch.zeros(1, 16, 16, 16)
+    label[0, 3:9, 4:10, 5:11] = 1
+    out = chain({"image": MetaTensor(torch.rand(1, 16, 16, 16) + 1), "label": MetaTensor(label)})
+    assert tuple(out["image"].shape) == (1, 8, 8, 8)  # 6-voxel box rounded up to a multiple of 4
+    assert any(type(t).__name__ == "MaskIntensityd" for t in chain.transforms)
+    if has_elastix():
+        cfg = ConfigParser({"t": {"_target_": "AffinePrealignd", "keys": ["image"], "moving_key": "image",
+                                  "fixed_key": "fixed"}})
+        assert isinstance(cfg.get_parsed_content("t"), AffinePrealignd)
