@@ -1,4 +1,4 @@
-from .encoders import ConvEncoder, ConvGELUBlock, NABlock, NAEncoder
+from .encoders import ConvEncoder, ConvGELUBlock, FeaturePyramidEncoder, NABlock, NAEncoder
 from .farm import FARM, ResidualPathway, ResidualPathwayUnit, FARMSpatialAttention, SqueezeExcitationBlock
 from .fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
 from .flow_estimator import ResidualFlowEstimator

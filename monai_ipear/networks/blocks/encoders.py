@@ -15,12 +15,30 @@ from monai.networks.layers import Pool
 
 from .neighborhood_attention import NeighborhoodAttention
 
-__all__ = ["ConvEncoder", "NAEncoder", "NABlock", "ConvGELUBlock"]
+__all__ = ["FeaturePyramidEncoder", "ConvEncoder", "NAEncoder", "NABlock", "ConvGELUBlock"]
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.1})
 
 
-class ConvEncoder(nn.Module):
+class FeaturePyramidEncoder(nn.Module):
+    """Base of the pyramid encoders: ``self.levels`` (finest first, each including its own downsampling) are
+    applied in sequence and every level's output is returned.
+
+    Subclasses set ``levels`` (``nn.ModuleList``), ``spatial_dims``, ``in_channels`` and ``out_channels``.
+    ``forward(x)``: ``(B, in_channels, *spatial)`` -> list of ``(B, out_channels[l], *spatial / 2**l)``.
+    """
+
+    levels: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for level in self.levels:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
+class ConvEncoder(FeaturePyramidEncoder):
     """IIRP-Net / RP-Net encoder: per level one 3x3(x3) conv + LeakyReLU(0.1), average pooling between levels.
 
     Args:
@@ -37,17 +55,8 @@ class ConvEncoder(nn.Module):
         self.in_channels = in_channels
         self.out_channels = tuple(channels)
         ins = (in_channels,) + self.out_channels[:-1]
-        self.blocks = nn.ModuleList(
-            Convolution(spatial_dims, i, o, kernel_size=3, act=LEAKY, norm=None) for i, o in zip(ins, self.out_channels)
-        )
-        self.pool = Pool["avg", spatial_dims](2)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for i, block in enumerate(self.blocks):
-            x = block(x if i == 0 else self.pool(x))
-            feats.append(x)
-        return feats
+        convs = [Convolution(spatial_dims, i, o, kernel_size=3, act=LEAKY, norm=None) for i, o in zip(ins, self.out_channels)]
+        self.levels = nn.ModuleList([convs[0]] + [nn.Sequential(Pool["avg", spatial_dims](2), c) for c in convs[1:]])
 
 
 class ConvGELUBlock(nn.Module):
@@ -76,7 +85,7 @@ class NABlock(nn.Module):
         return x + self.attn(self.norm(y)).movedim(-1, 1)
 
 
-class NAEncoder(nn.Module):
+class NAEncoder(FeaturePyramidEncoder):
     """The iPEAR encoder (NAP's ``CoNaTEncoder``): conv blocks with neighborhood attention at the coarser levels.
 
     Level 1: :class:`ConvGELUBlock`. Levels 2..L: AvgPool(2) -> :class:`ConvGELUBlock` -> :class:`NABlock`.
@@ -107,19 +116,12 @@ class NAEncoder(nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = tuple(channels)
-        self.pool = Pool["avg", spatial_dims](2)
         self.levels = nn.ModuleList([ConvGELUBlock(spatial_dims, in_channels, channels[0])])
         for i in range(1, len(channels)):
             self.levels.append(
                 nn.Sequential(
+                    Pool["avg", spatial_dims](2),
                     ConvGELUBlock(spatial_dims, channels[i - 1], channels[i]),
                     NABlock(spatial_dims, channels[i], num_heads[i - 1], kernel_size, use_natten),
                 )
             )
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for i, level in enumerate(self.levels):
-            x = level(x if i == 0 else self.pool(x))
-            feats.append(x)
-        return feats

@@ -11,6 +11,8 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Norm, Pool
 
+from .encoders import FeaturePyramidEncoder
+
 __all__ = ["MotionAwareBlock", "MotionAwareEncoder", "RAAccumulator", "ResidualAligner"]
 
 LEAKY02 = ("leakyrelu", {"negative_slope": 0.2})
@@ -33,7 +35,7 @@ class MotionAwareBlock(nn.Module):
         return self.act(self.conv2(self.conv1(y)) + y)
 
 
-class MotionAwareEncoder(nn.Module):
+class MotionAwareEncoder(FeaturePyramidEncoder):
     """RAN's motion-aware encoder: a conv block at full resolution, then per coarser level AvgPool(2) and a
     :class:`MotionAwareBlock` (dilated convolutions at reduced resolution, so that each voxel sees large motions).
 
@@ -63,13 +65,6 @@ class MotionAwareEncoder(nn.Module):
             self.levels.append(
                 nn.Sequential(Pool["avg", spatial_dims](2), MotionAwareBlock(spatial_dims, i, o, dilations))
             )
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for level in self.levels:
-            x = level(x)
-            feats.append(x)
-        return feats
 
 
 class RAAccumulator(nn.Module):

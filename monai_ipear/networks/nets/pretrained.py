@@ -6,7 +6,8 @@ Its module names differ from ours; :func:`iirp_key_map` gives the one-to-one cor
 =================================  ===========================================
 published                          :class:`~monai_ipear.networks.nets.RPNet`
 =================================  ===========================================
-``encoder.block{i}.main``          ``encoder.blocks.{i-1}.conv``
+``encoder.block1.main``            ``encoder.levels.0.conv``
+``encoder.block{i}.main``, i > 1   ``encoder.levels.{i-1}.1.conv`` (after the pooling)
 ``decoder{l}.Conv1.main``          ``decoders.{l-1}.body.cl1.conv``
 ``decoder{l}.Conv2.main``          ``decoders.{l-1}.body.res1.conv.conv``
 ``decoder{l}.Conv3.main``          ``decoders.{l-1}.body.res2.conv.conv``
@@ -52,7 +53,8 @@ def iirp_key_map(levels: int = _LEVELS) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for i in range(1, levels + 1):
         for p in ("weight", "bias"):
-            mapping[f"encoder.block{i}.main.{p}"] = f"encoder.blocks.{i - 1}.conv.{p}"
+            ours_conv = "encoder.levels.0.conv" if i == 1 else f"encoder.levels.{i - 1}.1.conv"  # level i > 1: (pool, conv)
+            mapping[f"encoder.block{i}.main.{p}"] = f"{ours_conv}.{p}"
             for theirs, ours in _DECODER.items():
                 mapping[f"decoder{i}.{theirs}.{p}"] = f"decoders.{i - 1}.{ours}.{p}"
     return mapping

@@ -10,6 +10,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 
 from ...controllers import IterationController, SinglePass
+from ..blocks.encoders import FeaturePyramidEncoder
 from ..blocks.sacb import MatchingFlowEstimator, SpatialAwareConvBlock
 from .pyramid import PyramidRegistrationNet
 
@@ -26,7 +27,7 @@ def _double_conv(spatial_dims: int, in_channels: int, out_channels: int) -> nn.S
     )
 
 
-class SACBEncoder(nn.Module):
+class SACBEncoder(FeaturePyramidEncoder):
     """SACB-Net's 5-level encoder (weight-shared for both images).
 
     Level 1: conv ``in -> c`` then two convs ``c -> 2c`` (full resolution); levels 2..5: AvgPool(2) then two convs,
@@ -50,13 +51,6 @@ class SACBEncoder(nn.Module):
         self.levels = nn.ModuleList([nn.Sequential(first, _double_conv(spatial_dims, c, 2 * c))])
         for i, o in zip(self.out_channels[:-1], self.out_channels[1:]):
             self.levels.append(nn.Sequential(Pool["avg", spatial_dims](2), _double_conv(spatial_dims, i, o)))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for level in self.levels:
-            x = level(x)
-            feats.append(x)
-        return feats
 
 
 class SACBLevelDecoder(nn.Module):
