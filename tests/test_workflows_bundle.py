@@ -8,6 +8,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import monai.handlers
 import torch
 from monai.bundle import ConfigParser, run
 from monai.networks.blocks import Warp
@@ -63,7 +64,7 @@ def test_resume_is_one_override():
     parser["resume"] = True
     parser["bundle_root"] = "/nonexistent"
     handlers = parser.get_parsed_content("train#handlers", instantiate=True)
-    assert type(handlers[0]).__name__ == "CheckpointLoader"
+    assert isinstance(handlers[0], monai.handlers.CheckpointLoader)  # ResumeCheckpointLoader (restores the epoch too)
     assert handlers[0].load_path == "/nonexistent/models/model_final.pt"
     parser["resume"] = False
     parser.parse()

@@ -1,3 +1,4 @@
+from .checkpoint import AtomicCheckpointSaver, ResumeCheckpointLoader
 from .evaluation import RegistrationMetricsWriter, summarize_rows
 from .iteration import RegistrationEvalIteration, RegistrationTrainIteration
 from .outputs import RegistrationOutputWriter, ddf_to_mm

@@ -70,6 +70,13 @@ class RegistrationTrainIteration(_PairIteration):
             ddf = engine.network(moving, fixed)
             warped = self._warp(moving, ddf.float())
             loss = engine.loss_function(warped, fixed, ddf.float())
+        if not torch.isfinite(loss.detach()).all():  # before backward: the weights (and checkpoints) stay finite
+            raise FloatingPointError(
+                f"non-finite training loss {loss.detach().cpu().tolist()} at epoch {engine.state.epoch}, iteration "
+                f"{engine.state.iteration} (ddf finite: {bool(torch.isfinite(ddf).all())}, warped finite: "
+                f"{bool(torch.isfinite(warped).all())}); training stopped before the optimiser step, the weights and "
+                f"the last checkpoint are those of the previous iteration."
+            )
         if use_amp:
             engine.scaler.scale(loss).backward()
             engine.scaler.step(engine.optimizer)
