@@ -66,6 +66,13 @@ def _check_readable(path: str, what: str) -> tuple:
     return tuple(_load(path, what).shape[1:])
 
 
+def _refuse_overwrite(out, *inputs) -> None:
+    """Outputs never replace inputs: refuse an output path that is one of the input files."""
+    real = {os.path.realpath(str(p)) for p in inputs if p is not None and str(p) != ""}
+    if os.path.realpath(str(out)) in real:
+        raise RegistrationCLIError(f"--out {out} is an input file; refusing to overwrite it.")
+
+
 def _device(device):
     if device is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -324,6 +331,7 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
         raise RegistrationCLIError("--out is required.")
     if not isinstance(label, bool):
         raise RegistrationCLIError(f"--label is a flag (true/false), got '{label}'.")
+    _refuse_overwrite(out, image, ddf)
     steps = _progress(3, f"warp {os.path.basename(image)}")
     field, affine = _load_ddf(ddf, ddf_units)
     img = _load(image, "image")
@@ -333,7 +341,8 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
     warped = Warp(mode="nearest" if label else "bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)
     steps.update()
     os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
-    RegistrationOutputWriter._save(warped[0], affine, str(out), dtype=np.int16 if label else np.float32)
+    RegistrationOutputWriter._save(warped[0].round() if label else warped[0], affine, str(out),
+                                   dtype=np.int16 if label else np.float32)  # labels: nearest integer, not truncated
     steps.set_postfix_str(f"wrote {out}")
     steps.update()
     steps.close()
@@ -352,6 +361,8 @@ def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
     from monai_ipear.engines import RegistrationOutputWriter
     from monai_ipear.metrics import folding_percentage, jacobian_determinant
 
+    if out is not None:
+        _refuse_overwrite(out, ddf, mask)
     steps = _progress(2, "jacobian")
     field, affine = _load_ddf(ddf, ddf_units)
     m = None
@@ -428,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         if debug:
             raise
+        while str(e).startswith("applying transform") and e.__cause__ is not None:
+            e = e.__cause__  # MONAI's Compose wraps a transform's error: report the transform's own message
         text = str(e).strip().splitlines()
         print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
         return 2

@@ -2,22 +2,67 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
+import torch
+from monai.data import MetaTensor
 from monai.transforms import (
+    AsDiscreted,
     Compose,
     DivisiblePadd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     ScaleIntensityd,
     Spacingd,
 )
 
-__all__ = ["registration_pair_transforms"]
+__all__ = ["registration_pair_transforms", "SameGridCheckd"]
 
 IMAGE_KEYS = ("moving_image", "fixed_image")
 LABEL_KEYS = ("moving_label", "fixed_label")
+
+
+class SameGridCheckd(MapTransform):
+    """Refuse a pair whose images are not on one voxel grid (same spatial shape and voxel-to-world affine).
+
+    The networks register arrays voxel by voxel and the outputs carry the fixed image's affine, so a moving image
+    on another grid (other shape, spacing, origin or orientation) would give silently wrong geometry. This
+    package refuses it (``ValueError`` naming both grids) instead of resampling implicitly: resample or pre-align
+    the moving image onto the fixed grid first (CLI: ``--prealign affine``; real scans:
+    ``monai_ipear.preprocessing``).
+
+    Args:
+        keys: keys to compare with ``reference_key`` (missing keys are skipped with ``allow_missing_keys``).
+        reference_key: the fixed image.
+        atol: tolerance on the affine entries (mm).
+    """
+
+    def __init__(self, keys, reference_key: str = "fixed_image", atol: float = 1e-3,
+                 allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key, self.atol = reference_key, float(atol)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        ref = d[self.reference_key]
+        ref_aff = ref.affine.double() if isinstance(ref, MetaTensor) else None
+        for key in self.key_iterator(d):
+            if key == self.reference_key:
+                continue
+            x = d[key]
+            if tuple(x.shape[1:]) != tuple(ref.shape[1:]):
+                raise ValueError(f"{key} {tuple(x.shape[1:])} and {self.reference_key} {tuple(ref.shape[1:])} are not "
+                                 "on the same voxel grid: resample or pre-align onto the fixed grid first.")
+            if ref_aff is not None and isinstance(x, MetaTensor):
+                aff = x.affine.double()
+                if aff.shape != ref_aff.shape or not torch.allclose(aff, ref_aff, rtol=0.0, atol=self.atol):
+                    raise ValueError(
+                        f"{key} and {self.reference_key} have the same shape but different affines "
+                        f"({aff.tolist()} vs {ref_aff.tolist()}): not on the same voxel grid; resample or pre-align "
+                        "onto the fixed grid first.")
+        return d
 
 
 def registration_pair_transforms(
@@ -27,18 +72,22 @@ def registration_pair_transforms(
     pixdim: Sequence[float] | None = None,
     divisible_k: int | None = None,
     allow_missing_keys: bool = True,
+    check_grid: bool = True,
 ) -> Compose:
     """Load, scale and (optionally) resample and pad a pair dict of image/label paths.
 
     - :class:`~monai.transforms.LoadImaged` (``reader=None`` picks nibabel or ITK by file type; ``"NibabelReader"``
       or ``"ITKReader"`` forces one), channel first;
     - optional :class:`~monai.transforms.Spacingd` to ``pixdim`` mm (linear for images, nearest for labels);
+    - label maps rounded to the nearest integer (:class:`~monai.transforms.AsDiscreted`; float-valued files);
     - images min-max scaled to [0, 1] (:class:`~monai.transforms.ScaleIntensityd`);
     - optional :class:`~monai.transforms.DivisiblePadd` to multiples of ``divisible_k`` at the far end of each
       axis (``method="end"`` keeps the voxel origin, so the affine is unchanged). The networks pad and crop
       internally, so inference needs no padding; training with batches > 1 of mixed sizes does.
 
-    Label keys missing from the dict are skipped (``allow_missing_keys``).
+    Label keys missing from the dict are skipped (``allow_missing_keys``). With ``check_grid`` (default) every
+    image and label must be on the last image key's (the fixed image's) grid: :class:`SameGridCheckd` refuses
+    the pair otherwise.
     """
     image_keys, label_keys = list(image_keys), list(label_keys)
     keys = image_keys + label_keys
@@ -51,6 +100,10 @@ def registration_pair_transforms(
             Spacingd(keys, pixdim=pixdim, mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys),
                      allow_missing_keys=allow_missing_keys)
         )
+    if check_grid and len(image_keys) >= 2:
+        xforms.append(SameGridCheckd(keys, reference_key=image_keys[-1], allow_missing_keys=allow_missing_keys))
+    if label_keys:  # float-valued label maps (1.9999 / 2.0001): nearest integer, not truncation, downstream
+        xforms.append(AsDiscreted(label_keys, rounding="torchrounding", allow_missing_keys=allow_missing_keys))
     xforms.append(ScaleIntensityd(image_keys, minv=0.0, maxv=1.0))
     if divisible_k is not None and divisible_k > 1:
         xforms.append(DivisiblePadd(keys, k=divisible_k, method="end", allow_missing_keys=allow_missing_keys))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelWriter
 
-__all__ = ["RegistrationOutputWriter", "pair_names", "fixed_affines", "ddf_to_mm"]
+__all__ = ["RegistrationOutputWriter", "pair_names", "fixed_affines", "ddf_to_mm", "input_paths", "refuse_overwrite"]
 
 
 def pair_names(batch: dict, size: int, offset: int = 0) -> list[str]:
@@ -38,6 +38,23 @@ def ddf_to_mm(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     sd = ddf.shape[0]
     lin = affine[:sd, :sd].to(ddf.dtype).to(ddf.device)
     return torch.einsum("ij,j...->i...", lin, ddf)
+
+
+def input_paths(batch: dict) -> set[str]:
+    """Real paths of the files a collated batch was read from (``filename_or_obj`` of its MetaTensors)."""
+    paths: set[str] = set()
+    for value in (batch.values() if isinstance(batch, dict) else []):
+        names = value.meta.get("filename_or_obj") if isinstance(value, MetaTensor) else None
+        for n in (names if isinstance(names, (list, tuple)) else [names]):
+            if isinstance(n, (str, os.PathLike)) and str(n):
+                paths.add(os.path.realpath(str(n)))
+    return paths
+
+
+def refuse_overwrite(path: str, inputs: set[str]) -> None:
+    """Raise ``ValueError`` when ``path`` is one of the (real) ``inputs`` paths: outputs never replace inputs."""
+    if os.path.realpath(str(path)) in inputs:
+        raise ValueError(f"refusing to overwrite the input file {path} with an output; choose another output folder or name.")
 
 
 class RegistrationOutputWriter:
@@ -98,13 +115,16 @@ class RegistrationOutputWriter:
         names = pair_names(batch, size, self.count)
         affines = fixed_affines(batch, self.fixed_key, size)
         os.makedirs(self.output_dir, exist_ok=True)
+        inputs = input_paths(batch)
         for b in range(size):
             prefix = os.path.join(self.output_dir, names[b])
+            for suffix in ("warped", "ddf", "warped_label"):
+                refuse_overwrite(f"{prefix}_{suffix}.nii.gz", inputs)
             field = ddf[b] if self.ddf_units == "voxel" else ddf_to_mm(ddf[b], affines[b])
             self._save(out["warped_image"][b], affines[b], f"{prefix}_warped.nii.gz")
             self._save(field, affines[b], f"{prefix}_ddf.nii.gz")
             if "warped_label" in out:
-                self._save(out["warped_label"][b], affines[b], f"{prefix}_warped_label.nii.gz", dtype=np.int16)
+                self._save(out["warped_label"][b].round(), affines[b], f"{prefix}_warped_label.nii.gz", dtype=np.int16)
             iters = out.get("iterations")
             self.rows.append([names[b]] + ([int(v) for v in iters[b]] if iters is not None else []))
         self.count += size
