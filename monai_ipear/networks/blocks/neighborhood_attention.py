@@ -11,8 +11,6 @@ Along an axis shorter than the kernel the window covers the whole axis.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn as nn
 
@@ -98,20 +96,23 @@ class NeighborhoodAttention(nn.Module):
         return self.proj(out.reshape(*x.shape[:-1], self.channels))
 
     def _attend(self, q, k, v, spatial) -> torch.Tensor:
-        # One gathered copy of K (then V) at a time keeps memory at O(kernel^d) logits, not O(kernel^d) features.
+        # One gathered copy of K (then V) per neighbor keeps memory at O(kernel^d) logits rather than
+        # O(kernel^d) feature copies; gathering axis by axis reuses the partial gathers (3 + 9 + 27 index_selects
+        # in 3D instead of 3 * 27).
         axes = [neighborhood_indices(s, self.kernel_size, q.device) for s in spatial]
-        offsets = list(itertools.product(*axes))
 
-        def gather(t: torch.Tensor, idx) -> torch.Tensor:
-            for axis, i in enumerate(idx):
-                t = t.index_select(axis + 1, i)
-            return t
+        def neighbors(t: torch.Tensor, axis: int = 0):
+            if axis == len(axes):
+                yield t
+                return
+            for idx in axes[axis]:
+                yield from neighbors(t.index_select(axis + 1, idx), axis + 1)
 
-        logits = torch.stack([(q * gather(k, idx)).sum(-1) for idx in offsets], dim=-1)  # (B,*S,heads,n)
+        logits = torch.stack([(q * kn).sum(-1) for kn in neighbors(k)], dim=-1)  # (B, *S, heads, n)
         attn = logits.float().softmax(dim=-1).to(v.dtype)
         out = torch.zeros_like(v)
-        for j, idx in enumerate(offsets):
-            out = out + attn[..., j : j + 1] * gather(v, idx)
+        for j, vn in enumerate(neighbors(v)):
+            out = out + attn[..., j : j + 1] * vn
         return out
 
     def _natten(self, q, k, v) -> torch.Tensor:  # pragma: no cover - needs natten

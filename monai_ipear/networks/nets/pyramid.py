@@ -91,12 +91,15 @@ class PyramidRegistrationNet(nn.Module):
                 f"input shape {tuple(moving.shape[:2]) + tuple(spatial)} is too small: with {self.levels} levels the "
                 f"coarsest level would hold a single voxel; use at least {2 * self.divisor} voxels along one axis."
             )
-        feats_m = self.encoder(moving)
-        feats_f = self.encoder(fixed)
-        if len(feats_m) != self.levels:
-            raise ValueError(f"the encoder returned {len(feats_m)} feature levels, expected {self.levels}.")
-
+        # one encoder call on the stacked pair: weights are shared, every op is per sample, and a batch of 2B
+        # takes PyTorch's fast CPU convolution path where a batch of 1 does not
+        feats = self.encoder(torch.cat([moving, fixed], dim=0))
+        if len(feats) != self.levels:
+            raise ValueError(f"the encoder returned {len(feats)} feature levels, expected {self.levels}.")
         batch = moving.shape[0]
+        feats_m = [f[:batch] for f in feats]
+        feats_f = [f[batch:] for f in feats]
+
         single = self.training and not self.unroll_training
         controllers = self.controllers
         iterations = torch.zeros(batch, self.levels, dtype=torch.long)
