@@ -5,7 +5,8 @@
   permissions; ignite >= 0.4 adds group/other read permission after the atomic ``os.replace``), so a crash while
   ``torch.save`` runs truncates the previous checkpoint of the same name (``model_final.pt``, ``model.pt``).
   With ``atomic=True`` ignite writes a temporary file in the same folder and renames it over the target only
-  after the write succeeded. Optionally the engine itself (epoch, iteration) is saved with the objects.
+  after the write succeeded, and the checkpoints it replaces are removed only after that (ignite removes them
+  first). Optionally the engine itself (epoch, iteration) is saved with the objects.
 - :class:`ResumeCheckpointLoader`: MONAI's :class:`~monai.handlers.CheckpointLoader` that also restores the
   engine's epoch and iteration when the checkpoint holds them (``"trainer"``), so ``--resume true`` with the same
   ``max_epochs`` finishes the run instead of training ``max_epochs`` more epochs. The engine cannot be named in a
@@ -15,10 +16,41 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 __all__ = ["AtomicCheckpointSaver", "ResumeCheckpointLoader"]
+
+
+class _WriteThenRemove(BaseSaveHandler):
+    """Wraps ignite's ``DiskSaver`` (atomic): old checkpoints are removed only AFTER the new one was written.
+
+    ignite's ``Checkpoint`` removes the checkpoint that falls out of ``n_saved`` (or the file of the same name)
+    before writing the new one, so a crash while writing would leave no checkpoint at all with ``n_saved=1``.
+    Here removals are queued and done after the next successful write; a file being written again is replaced
+    by the atomic rename instead of being removed.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.pending: list[str] = []
+
+    def _name(self, filename: str) -> str:
+        return getattr(self.inner, "filename", None) or filename  # MONAI's fixed-name saver writes its own name
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        self.inner(checkpoint, filename, metadata)
+        written = self._name(filename)
+        pending, self.pending = self.pending, []
+        for name in pending:
+            if self._name(name) != written and os.path.exists(os.path.join(self.inner.dirname, self._name(name))):
+                self.inner.remove(name)
+
+    def remove(self, filename: str) -> None:
+        self.pending.append(filename)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -37,6 +69,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.engine_key = engine_key
         for ckpt in self._checkpoints():
             ckpt.save_handler._atomic = True  # ignite's DiskSaver flag: temp file + os.replace
+            ckpt.save_handler = _WriteThenRemove(ckpt.save_handler)
 
     def _checkpoints(self) -> list:
         return [c for c in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint)

@@ -74,7 +74,8 @@ class RegistrationTrainIteration(_PairIteration):
             raise FloatingPointError(
                 f"non-finite training loss {loss.detach().cpu().tolist()} at epoch {engine.state.epoch}, iteration "
                 f"{engine.state.iteration} (ddf finite: {bool(torch.isfinite(ddf).all())}, warped finite: "
-                f"{bool(torch.isfinite(warped).all())}); training stopped before the optimiser step, the weights and "
+                f"{bool(torch.isfinite(warped).all())}, loss terms: {getattr(engine.loss_function, 'last_terms', None)}); "
+                f"training stopped before the optimiser step, the weights and "
                 f"the last checkpoint are those of the previous iteration."
             )
         if use_amp:
