@@ -150,3 +150,25 @@ def test_controlled_refinement_is_per_sample():
     assert out[:, 0, 0, 0].tolist() == [3.0, 5.0, 8.0]
     assert calls[0] == [0, 1, 2] and calls[4] == [1, 2] and calls[7] == [2]
     assert torch.isnan(trace[0, 4:]).all() and math.isclose(trace[2, 8].item(), 0.6, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("controller", [TCI(), IterStop(), IterStop(faithful=True)])
+def test_non_finite_similarity_discards_the_update_and_stops(controller):
+    ddf = torch.zeros(2, 1, 3)
+    bad_at = {0: 2, 1: 99}  # sample 0 gives NaN after its 2nd update, sample 1 never
+
+    def update(u, index, k):
+        return u + 1.0
+
+    def evaluate(u, index):
+        steps = u[:, 0, 0]
+        out = 0.1 * steps
+        for j, b in enumerate(index.tolist()):
+            if steps[j].item() == bad_at[b]:
+                out[j] = float("nan")
+        return out
+
+    out, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=True)
+    assert kept[0] == 1 and out[0, 0, 0] == 1.0  # the NaN update was not composed
+    assert torch.isnan(trace[0, 2]) and torch.isfinite(out).all()
+    assert kept[1] >= 3

@@ -9,6 +9,7 @@ Decisions are per sample, so in a batch every sample stops on its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -144,7 +145,8 @@ def controlled_refinement(
         starting field), NaN where not computed.
 
     Only the samples still iterating are passed to ``update``; the others keep their field unchanged, so a
-    batch gives the same fields and counts as its samples one by one.
+    batch gives the same fields and counts as its samples one by one. An update whose similarity is not finite
+    is discarded and stops its sample, whatever the controller.
     """
     batch = ddf.shape[0]
     needs_sim = controller.needs_similarity
@@ -175,7 +177,11 @@ def controlled_refinement(
         for j, b in enumerate(active_samples):
             if sims[j] is not None:
                 trace[b, k] = sims[j]
-            decision = sessions[b].step(sims[j])
+            if sims[j] is not None and not math.isfinite(sims[j]):
+                # a non-finite similarity (e.g. a NaN produced inside the network): keep the last good field
+                decision = Decision(accept=False, stop=True)
+            else:
+                decision = sessions[b].step(sims[j])
             if decision.accept:
                 accepted.append(j)
                 kept[b] += 1
