@@ -174,30 +174,6 @@ def affine_prealign(fixed: str, moving: str, out_prefix: str, moving_label: str 
     return out
 
 
-class _MovingLabelWarper:
-    """Adds ``warped_label`` (nearest-neighbour ``Warp``) to the evaluator's output when only the MOVING label
-    is given: the bundle iteration warps labels only when both labels are present (for Dice)."""
-
-    def __init__(self, key: str = "moving_label") -> None:
-        from monai.networks.blocks import Warp
-
-        self.key = key
-        self.warp = Warp(mode="nearest", padding_mode="zeros")
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine) -> None:
-        out, batch = engine.state.output, engine.state.batch
-        if "warped_label" in out or self.key not in batch:
-            return
-        ddf = out["ddf"]
-        label = torch.as_tensor(batch[self.key]).as_subclass(torch.Tensor).to(ddf.device, torch.float32)
-        out["warped_label"] = self.warp(label, ddf)
-
-
 def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="models/model.pt",
              prealign=None, config=None, device=None, ddf_units="voxel") -> dict:
     """Register MOVING onto FIXED and write the bundle inference files into OUT_DIR.
@@ -273,7 +249,7 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="mo
     writer = RegistrationOutputWriter(output_dir=out_dir, ddf_units=ddf_units)
     evaluator = SupervisedEvaluator(
         device=dev, val_data_loader=loader, network=net, iteration_update=RegistrationEvalIteration(),
-        decollate=False, val_handlers=[_MovingLabelWarper(), writer],
+        decollate=False, val_handlers=[writer],
     )
     start = time.perf_counter()
     evaluator.run()

@@ -91,7 +91,7 @@ class RegistrationMetricsWriter:
         affines = fixed_affines(batch, self.fixed_key, size)
         for b in range(size):
             spacing = [float(s) for s in affine_to_spacing(affines[b], r=sd)]
-            has_labels = "warped_label" in out
+            has_labels = "warped_label" in out and "fixed_label" in out
             row: dict = {"pair": names[b]}
             row.update(
                 pair_registration_metrics(

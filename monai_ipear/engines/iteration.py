@@ -12,8 +12,9 @@ import time
 
 import torch
 from monai.data import MetaTensor
-from monai.networks.blocks import Warp
 from monai.utils import CommonKeys as Keys
+
+from ..networks.blocks.fields import FieldComposer
 
 __all__ = ["RegistrationTrainIteration", "RegistrationEvalIteration"]
 
@@ -34,18 +35,14 @@ class _PairIteration:
     ) -> None:
         self.moving_key, self.fixed_key = moving_key, fixed_key
         self.moving_label_key, self.fixed_label_key = moving_label_key, fixed_label_key
-        self.warp = Warp(mode="bilinear", padding_mode=padding_mode)
-        self.warp_nearest = Warp(mode="nearest", padding_mode=padding_mode)
+        self.fields = FieldComposer(padding_mode)
 
     def _pair(self, engine, batchdata: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = getattr(engine.state, "device", None)
         return _plain(batchdata[self.moving_key], device), _plain(batchdata[self.fixed_key], device)
 
     def _warp(self, image: torch.Tensor, ddf: torch.Tensor, nearest: bool = False) -> torch.Tensor:
-        warp = self.warp_nearest if nearest else self.warp
-        if warp.ref_grid is not None and warp.ref_grid.device != ddf.device:
-            warp.ref_grid = None  # MONAI caches the grid by shape only
-        return warp(image, ddf)
+        return self.fields.warp(image, ddf, mode="nearest" if nearest else "bilinear")
 
 
 class RegistrationTrainIteration(_PairIteration):
@@ -94,8 +91,8 @@ class RegistrationEvalIteration(_PairIteration):
 
     The engine's output is a dict of batched tensors: ``moving_image``, ``fixed_image``, ``ddf`` (voxels),
     ``warped_image``, ``iterations`` (``(B, levels)`` from ``network.last_iterations`` when present),
-    ``time`` (seconds of the network call per pair), and, when the batch has label maps, ``moving_label``,
-    ``fixed_label``, ``warped_label`` (nearest-neighbour warp). ``pred`` / ``label`` are the warped and fixed
+    ``time`` (seconds of the network call per pair), with a moving label map ``moving_label`` and ``warped_label``
+    (nearest-neighbour warp), and with a fixed label map too ``fixed_label``. ``pred`` / ``label`` are the warped and fixed
     label maps (the images when there are no labels), so MONAI metric handlers such as ``MeanDice`` work with
     ``from_engine(["pred", "label"])``. The input batch (with its metadata) stays on ``engine.state.batch``.
     """
@@ -117,11 +114,12 @@ class RegistrationEvalIteration(_PairIteration):
             if iters is not None:
                 out["iterations"] = iters.detach().cpu()
             out["time"] = torch.full((moving.shape[0],), elapsed / moving.shape[0])
-            if self.moving_label_key in batchdata and self.fixed_label_key in batchdata:
+            if self.moving_label_key in batchdata:
                 ml = _plain(batchdata[self.moving_label_key], device)
                 out[self.moving_label_key] = ml
-                out[self.fixed_label_key] = _plain(batchdata[self.fixed_label_key], device)
                 out["warped_label"] = self._warp(ml, ddf, nearest=True)
+            if "warped_label" in out and self.fixed_label_key in batchdata:
+                out[self.fixed_label_key] = _plain(batchdata[self.fixed_label_key], device)
                 out[Keys.PRED], out[Keys.LABEL] = out["warped_label"], out[self.fixed_label_key]
             else:
                 out[Keys.PRED], out[Keys.LABEL] = out["warped_image"], fixed
