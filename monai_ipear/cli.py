@@ -363,7 +363,7 @@ def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
 COMMANDS = {"register": register, "warp": warp, "jacobian": jacobian}
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m monai_ipear``; returns the exit code (0, or 2 on a reported error)."""
     import fire
     from fire.core import FireExit

@@ -169,7 +169,7 @@ def test_plots_are_png_files(tmp_path):
 
 
 def test_command_end_to_end_on_synthetic_files(tmp_path):
-    from monai_ipear.benchmark.__main__ import main
+    from monai_ipear.benchmark.__main__ import benchmark_main as main
 
     rng = np.random.default_rng(0)
     entries = []

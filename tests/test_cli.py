@@ -12,7 +12,8 @@ import torch
 from monai.bundle import run
 
 import monai_ipear
-from monai_ipear.cli import affine_prealign, main
+from monai_ipear.cli import affine_prealign
+from monai_ipear.cli import cli_main as main
 from monai_ipear.data import SyntheticPairGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

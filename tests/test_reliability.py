@@ -13,7 +13,7 @@ import torch
 from monai.metrics import DiceMetric
 
 import monai_ipear
-from monai_ipear.cli import main
+from monai_ipear.cli import cli_main as main
 from monai_ipear.data import SameGridCheckd, SyntheticPairGenerator, load_registration_pairs, registration_pair_transforms
 from monai_ipear.engines import RegistrationOutputWriter
 from monai_ipear.metrics import pair_registration_metrics

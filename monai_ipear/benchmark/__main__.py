@@ -57,7 +57,7 @@ def _label_names(path: str | None) -> dict[int, str] | None:
     return {int(r["Index"]): r.get("Name", "") for r in rows}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def benchmark_main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m monai_ipear.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--datalist", help="dataset.json (Learn2Reg style); default <prep-dir>/dataset.json")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m monai_ipear.benchmark " + " ".join(shlex.quote(v) for v in argv)
     notes = list(a.note)
     if a.preprocess_images:
-        from ..preprocessing.__main__ import main as preprocess
+        from ..preprocessing.__main__ import preprocess_main as preprocess
 
         preprocess(["--images", *a.preprocess_images, "--labels", *a.preprocess_labels, "--train", str(a.train_subjects),
                     "--out", a.prep_dir])
@@ -161,4 +161,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    benchmark_main()

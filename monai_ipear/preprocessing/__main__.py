@@ -31,7 +31,7 @@ def _save(tensor, path: str) -> None:
     writer.write(path)
 
 
-def main(argv=None) -> None:
+def preprocess_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m monai_ipear.preprocessing", description=__doc__.splitlines()[0])
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--labels", nargs="+", required=True)
@@ -77,4 +77,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    preprocess_main()
