@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["RegistrationCLIError", "register", "warp", "jacobian", "affine_prealign", "main"]
+__all__ = ["RegistrationCLIError", "register", "warp", "jacobian", "affine_prealign", "cli_main"]
 
 
 class RegistrationCLIError(ValueError):

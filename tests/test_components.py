@@ -5,7 +5,6 @@ import inspect
 import pkgutil
 
 import monai
-import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator

@@ -93,7 +93,7 @@ def _write_nifti_dataset(root, n=2, size=32, one_pair=False):
 def test_inference_workflow_writes_viewer_correct_outputs(tmp_path, reader):
     data = tmp_path / "data"
     data.mkdir()
-    affine = _write_nifti_dataset(str(data))
+    _write_nifti_dataset(str(data))
     _small_field_model(str(tmp_path / "model.pt"))
     out = tmp_path / "out"
     run(

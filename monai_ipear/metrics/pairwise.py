@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
-from monai.networks.utils import one_hot
 
 from .jacobian import folding_percentage
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...controllers import IterationController, SinglePass
+from ...controllers import IterationController
 from ..blocks.residual_aligner import MotionAwareEncoder, ResidualAligner
 from .pyramid import PyramidRegistrationNet
 
@@ -48,7 +48,7 @@ class RAN(PyramidRegistrationNet):
         super().__init__(
             encoder,
             decoders,
-            controller if controller is not None else SinglePass(),
+            controller,  # None: SinglePass
             spatial_dims=spatial_dims,
             padding_mode=padding_mode,
             unroll_training=unroll_training,

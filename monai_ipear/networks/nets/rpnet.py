@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...controllers import IterationController, IterStop, SinglePass
+from ...controllers import IterationController, IterStop
 from ..blocks.encoders import ConvEncoder
 from ..blocks.flow_estimator import ResidualFlowEstimator
 from .pyramid import PyramidRegistrationNet
@@ -40,7 +40,7 @@ class RPNet(PyramidRegistrationNet):
         super().__init__(
             encoder,
             decoders,
-            controller if controller is not None else SinglePass(),
+            controller,  # None: SinglePass
             spatial_dims=spatial_dims,
             padding_mode=padding_mode,
             unroll_training=unroll_training,

@@ -9,7 +9,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 
-from ...controllers import IterationController, SinglePass
+from ...controllers import IterationController
 from ..blocks.encoders import FeaturePyramidEncoder
 from ..blocks.sacb import MatchingFlowEstimator, SpatialAwareConvBlock
 from .pyramid import PyramidRegistrationNet
@@ -118,7 +118,7 @@ class SACBNet(PyramidRegistrationNet):
         super().__init__(
             encoder,
             decoders,
-            controller if controller is not None else SinglePass(),
+            controller,  # None: SinglePass
             spatial_dims=spatial_dims,
             padding_mode=padding_mode,
             unroll_training=unroll_training,
