@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Warp
 
 from ..metrics import pair_registration_metrics
+from ..networks.blocks.fields import FieldComposer
 from .methods import BenchmarkMethod
 
 __all__ = ["PeakMemory", "time_call", "run_benchmark"]
@@ -123,7 +123,7 @@ def run_benchmark(
         :func:`~monai_ipear.metrics.pair_registration_metrics` (``dice_mean``, ``dice_<label>``, ...).
     """
     device = torch.device(device)
-    warp, warp_nn = Warp(mode="bilinear"), Warp(mode="nearest")
+    fields = FieldComposer("zeros")  # the padding the networks and the bundle's inference use
     results: dict[str, list[dict]] = {}
     for method in methods:
         if not method.available:
@@ -146,8 +146,8 @@ def run_benchmark(
                 row["iterations"] = [int(v) for v in iters[0].tolist()]
             moving, fixed = moving.cpu(), fixed.cpu()
             with torch.no_grad():
-                warped = warp(moving, ddf)
-                wl = warp_nn(pair["moving_label"].float(), ddf) if "moving_label" in pair else None
+                warped = fields.warp(moving, ddf)
+                wl = fields.warp(pair["moving_label"].float(), ddf, mode="nearest") if "moving_label" in pair else None
             row.update(pair_registration_metrics(ddf, warped, fixed, wl, pair.get("fixed_label"), labels, spacing, surface))
             rows.append(row)
             log(f"{method.name} {row['pair']}: {row['time_s']:.3f} s, Dice {row.get('dice_mean', float('nan')):.4f}, "

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
+from ..metrics.jacobian import displacement_gradient
 from ..networks.blocks.fields import FieldComposer
 
 __all__ = [
@@ -124,11 +125,7 @@ class GradICONLoss(nn.Module):
         super().__init__()
         self.fields = FieldComposer(padding_mode)
 
-    @staticmethod
-    def jacobian_minus_identity(disp: torch.Tensor) -> torch.Tensor:
-        """``J - I`` of ``x -> x + disp(x)``: ``(B, d, d, *spatial)``, entry ``[:, i, j]`` = d disp_i / d x_j."""
-        dims = tuple(range(2, disp.ndim))
-        return torch.stack(torch.gradient(disp, dim=dims), 2)
+    jacobian_minus_identity = staticmethod(displacement_gradient)  # J - I of x -> x + disp(x)
 
     def forward(self, ddf_ab: torch.Tensor, ddf_ba: torch.Tensor) -> torch.Tensor:
         total = ddf_ab.new_zeros(())

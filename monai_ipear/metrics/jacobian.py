@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["jacobian_determinant", "folding_percentage"]
+__all__ = ["displacement_gradient", "jacobian_determinant", "folding_percentage"]
+
+
+def displacement_gradient(ddf: torch.Tensor) -> torch.Tensor:
+    """Spatial gradient of a displacement: ``(B, d, d, *spatial)``, entry ``[:, i, j]`` = d ddf_i / d x_j.
+
+    Central differences inside, one-sided at the borders (``torch.gradient``). The Jacobian of
+    ``x -> x + ddf(x)`` is this plus the identity.
+    """
+    return torch.stack(torch.gradient(ddf, dim=tuple(range(2, ddf.ndim))), 2)
 
 
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
@@ -24,18 +33,10 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     spatial_dims = ddf.ndim - 2
     if ddf.shape[1] != spatial_dims or spatial_dims not in (2, 3):
         raise ValueError(f"ddf must be (B, spatial_dims, *spatial) with spatial_dims 2 or 3, got {tuple(ddf.shape)}.")
-    ddf = ddf.float()
-    # jac[:, i, j] = d(x_i + u_i) / d x_j
-    rows = []
-    for i in range(spatial_dims):
-        grads = torch.gradient(ddf[:, i], dim=list(range(1, spatial_dims + 1)))
-        rows.append([g + (1.0 if i == j else 0.0) for j, g in enumerate(grads)])
-    if spatial_dims == 2:
-        det = rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0]
-    else:
-        (a, b, c), (d, e, f), (g, h, k) = rows
-        det = a * (e * k - f * h) - b * (d * k - f * g) + c * (d * h - e * g)
-    return det.unsqueeze(1)
+    jac = displacement_gradient(ddf.float()) + torch.eye(spatial_dims, device=ddf.device).view(
+        1, spatial_dims, spatial_dims, *[1] * spatial_dims
+    )
+    return torch.linalg.det(jac.movedim((1, 2), (-2, -1))).unsqueeze(1)
 
 
 def folding_percentage(ddf: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
