@@ -44,24 +44,39 @@ def test_tci_drop_stops_and_keeps_the_update():
     assert simulate_controller(TCI(), seq) == (4, 4)  # TCI keeps the current field
 
 
-def test_tci_stages_are_latched():
+def test_tci_default_is_algorithm_1_rechecking_both_stages():
+    # the example: stability holds at k=3 (gain 0.0075 too large), fails at k=4 and k=5 while the gain
+    # drops to 0.001 at k=5; Algorithm 1 re-checks stability and stops at k=6 where both hold
+    seq = [0.80, 0.80, 0.8075, 0.82, 0.821, 0.8212] + [0.8212] * 6
+    assert simulate_controller(TCI(), seq) == (6, 6)
+    # the sequential ("latched") reading remembers the stability passed at k=3 and stops at k=5
+    assert simulate_controller(TCI(latched=True), seq) == (5, 5)
+
+
+def test_tci_stages_are_latched_only_when_asked():
     # stability passes at k=3 (gain still 0.006); at k=5 the gain is small but the window is no longer
-    # stable (std 0.0087): the stability stage, once passed, is not checked again, so TCI stops at 5
-    seq = [0.5, 0.506, 0.512, 0.530, 0.531, 0.6, 0.7]
-    assert simulate_controller(TCI(), seq) == (5, 5)
+    # stable (std 0.0087): latched, the stability stage is not checked again, so TCI stops at 5;
+    # Algorithm 1 waits for a window that is stable and a gain <= delta_c together (k=9: 0.7, 0.7, 0.7)
+    seq = [0.5, 0.506, 0.512, 0.530, 0.531, 0.6, 0.7, 0.7, 0.7, 0.7]
+    assert simulate_controller(TCI(latched=True), seq) == (5, 5)
+    assert simulate_controller(TCI(), seq) == (9, 9)
 
 
-def test_tci_four_orderings_differ_as_table_6():
+def test_tci_four_orderings_differ_as_table_6_when_latched():
     # convergence reached at k=3 (flat), stability only at k=4; then gains of 0.006 with a stable window
     seq = [0.1, 0.3, 0.3, 0.306, 0.312, 0.313, 0.9, 0.9]
-    assert simulate_controller(TCI(order="convergence_stability"), seq) == (4, 4)
-    assert simulate_controller(TCI(order="stability_convergence"), seq) == (6, 6)
+    assert simulate_controller(TCI(order="convergence_stability", latched=True), seq) == (4, 4)
+    assert simulate_controller(TCI(order="stability_convergence", latched=True), seq) == (6, 6)
     assert simulate_controller(TCI(order="convergence"), seq) == (3, 3)
     assert simulate_controller(TCI(order="stability"), seq) == (4, 4)
+    # Algorithm 1 (not latched): a conjunction, both two-stage orders stop where both hold together (k=6)
+    assert simulate_controller(TCI(order="convergence_stability"), seq) == (6, 6)
+    assert simulate_controller(TCI(order="stability_convergence"), seq) == (6, 6)
     # stability only stops while the similarity still improves by more than delta_c
     assert simulate_controller(TCI(order="stability"), [0.5, 0.506, 0.512, 0.6]) == (3, 3)
-    # the default goes on (gain 0.006 at k=3, 0.088 at k=4) until a gain <= delta_c at k=5
-    assert simulate_controller(TCI(order="stability_convergence"), [0.5, 0.506, 0.512, 0.6, 0.6, 0.6]) == (5, 5)
+    # the default goes on (gain 0.006 at k=3, 0.088 at k=4) until a stable window with gain <= delta_c at k=6
+    assert simulate_controller(TCI(order="stability_convergence"), [0.5, 0.506, 0.512, 0.6, 0.6, 0.6]) == (6, 6)
+    assert simulate_controller(TCI(latched=True), [0.5, 0.506, 0.512, 0.6, 0.6, 0.6]) == (5, 5)
 
 
 def test_tci_window_uses_population_std():

@@ -22,12 +22,26 @@ def test_tci_runs_between_window_and_k_max_and_keeps_every_update(seq, window, k
 
 
 @settings(max_examples=200, deadline=None)
-@given(sims, st.integers(1, 5))
-def test_tci_stops_no_later_on_a_flat_sequence(seq, window):
-    # once the sequence is constant for a full window, every ordering stops
+@given(sims, st.integers(1, 5), st.sampled_from(sorted(TCI_ORDERS)), st.booleans())
+def test_tci_stops_no_later_on_a_flat_sequence(seq, window, order, latched):
+    # s_4 = s_5 = ... : from k = 3 + window the window holds only equal values (std 0), and from k = 5 the gain
+    # is 0, so every ordering, latched or not, has stopped by k = 3 + max(window, 2)
     flat = seq[:3] + [seq[3]] * 9
-    run, _ = simulate_controller(TCI(window=window), flat)
-    assert run <= max(window, 4 + window - 1)
+    run, _ = simulate_controller(TCI(window=window, order=order, latched=latched), flat)
+    assert run <= 3 + max(window, 2)
+
+
+def test_tci_flat_sequence_bound_is_tight_for_window_1():
+    # the example Hypothesis found against the old bound: the gain of the flat part is first seen at k = 5
+    assert simulate_controller(TCI(window=1), [0, 0.25, 0.5, 1] + [1] * 8) == (5, 5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sims, st.integers(1, 5), st.integers(1, 10), st.sampled_from(sorted(TCI_ORDERS)))
+def test_tci_latched_stops_no_later_than_algorithm_1(seq, window, k_max, order):
+    run_alg1, _ = simulate_controller(TCI(window=window, k_max=k_max, order=order), seq)
+    run_latched, _ = simulate_controller(TCI(window=window, k_max=k_max, order=order, latched=True), seq)
+    assert run_latched <= run_alg1
 
 
 @settings(max_examples=200, deadline=None)

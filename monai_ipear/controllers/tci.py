@@ -7,8 +7,16 @@ and the moving image warped by the current field at full resolution) enters the 
 - stability stage (:func:`stability_reached`): ``std(W) <= delta_s`` (population std);
 - convergence stage (:func:`convergence_reached`): ``s^k - s^(k-1) <= delta_c``.
 
-A stage, once passed, stays passed; the next stage is checked in the same iteration; passing the last
-stage stops the level and keeps the current field. Otherwise iterate up to ``k_max`` updates.
+Default (``latched=False``), Algorithm 1 of the paper: both stages are re-checked at every iteration, and the
+level stops (keeping the current field) at the first iteration where the window is full and every stage of
+``order`` holds; otherwise iterate up to ``k_max`` updates. Under this reading the two two-stage orders decide
+alike (a conjunction has no order).
+
+``latched=True`` is the sequential reading of the paper's text: a stage, once passed, stays passed and is not
+re-checked; the next stage is checked in the same iteration; passing the last stage stops the level. Only this
+reading makes the paper's Table 6 orderings ``"stability_convergence"`` and ``"convergence_stability"`` differ.
+It stops no later than Algorithm 1 (on about 1.6 % of similarity traces it stops earlier).
+
 ``order`` selects the paper's Table 6 variants: ``"stability_convergence"`` (default, iPEAR),
 ``"convergence_stability"``, ``"stability"`` (stability only), ``"convergence"`` (convergence only).
 """
@@ -81,8 +89,11 @@ class _TCISession(ControllerSession):
         self.window.push(similarity)
         stages = TCI_ORDERS[self.tci.order]
         if self.window.full:
-            while self.stage < len(stages) and self._passes(stages[self.stage]):
-                self.stage += 1
+            if self.tci.latched:
+                while self.stage < len(stages) and self._passes(stages[self.stage]):
+                    self.stage += 1
+            else:  # Algorithm 1: every stage re-checked at every iteration
+                self.stage = len(stages) if all(self._passes(stage) for stage in stages) else 0
         return Decision(accept=True, stop=self.stage == len(stages) or self.k >= self.tci.k_max)
 
     def _passes(self, stage: str) -> bool:
@@ -100,6 +111,8 @@ class TCI(IterationController):
         window: window size ``t`` (at least ``t`` updates run per level).
         k_max: maximum updates per level.
         order: one of ``TCI_ORDERS`` (paper Table 6), default stability then convergence.
+        latched: ``False`` (default): Algorithm 1, both stages re-checked every iteration; ``True``: the sequential
+            reading (a passed stage stays passed), needed for the Table 6 two-stage orderings to differ.
         similarity: ``"ncc"`` (default), ``"mse"``, ``"mae"`` (paper Table I; MSE/MAE negated) or a callable
             ``(warped_moving, fixed) -> (B,)``.
     """
@@ -115,6 +128,7 @@ class TCI(IterationController):
         k_max: int = 10,
         order: str = "stability_convergence",
         similarity: str | Callable = "ncc",
+        latched: bool = False,
     ) -> None:
         if order not in TCI_ORDERS:
             raise ValueError(f"unknown TCI order {order!r}; choose one of {sorted(TCI_ORDERS)}.")
@@ -127,6 +141,7 @@ class TCI(IterationController):
         self.window = int(window)
         self.k_max = int(k_max)
         self.order = order
+        self.latched = bool(latched)
         self.similarity_name = similarity if isinstance(similarity, str) else getattr(similarity, "__name__", "custom")
         self.similarity = get_similarity(similarity)
 

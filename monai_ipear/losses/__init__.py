@@ -1,4 +1,4 @@
-from .registration import RegistrationLoss
+from .registration import REGULARIZATIONS, GradientSmoothnessLoss, RegistrationLoss
 from .smgicnet import (
     FieldSmoothnessLoss,
     GradICONLoss,
