@@ -1,0 +1,65 @@
+"""The LPBA40 study data command on a tiny fake LPBA folder, and the real-data recipe overlay."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+
+from monai_ipear import load_registration_pairs
+from monai_ipear.studies.lpba40 import LPBA40_SPLIT, prepare_lpba40
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_lpba(folder, size=(8, 12, 8)):
+    rng = np.random.default_rng(0)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    os.makedirs(os.path.join(folder, "images"))
+    os.makedirs(os.path.join(folder, "labels"))
+    codes = np.array([0, 21, 22, 182])
+    for name in [LPBA40_SPLIT["atlas"]] + LPBA40_SPLIT["training"] + LPBA40_SPLIT["validation"]:
+        img = rng.random(size).astype(np.float32)
+        lab = codes[np.indices(size)[0] * 4 // size[0]].astype(np.uint8)  # four slabs along axis 0
+        nib.save(nib.Nifti1Image(img, affine), os.path.join(folder, "images", f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, affine), os.path.join(folder, "labels", f"{name}.nii.gz"))
+
+
+def test_prepare_renumbers_labels_halves_the_grid_and_writes_the_split(tmp_path):
+    _fake_lpba(tmp_path / "src")
+    datalist = prepare_lpba40(str(tmp_path / "src"), str(tmp_path / "out"), pixdim=2.0)
+    assert datalist["label_codes"] == [21, 22, 182]
+    lab = nib.load(tmp_path / "out" / "S11_label.nii.gz")
+    assert lab.shape == (4, 6, 4)
+    assert np.allclose(np.diag(lab.affine)[:3], [-2, -2, 2])
+    assert set(np.unique(np.asarray(lab.dataobj)).tolist()) == {0, 1, 2, 3}
+    on_disk = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert [e["image"] for e in on_disk["validation"]] == [f"S{i}_image.nii.gz" for i in range(36, 41)]
+    train = load_registration_pairs(str(tmp_path / "out" / "dataset.json"), split="training")
+    assert len(train) == 25 * 24  # all ordered inter-subject pairs of S11-S35
+    atlas = load_registration_pairs(str(tmp_path / "out" / "dataset.json"), split="validation_atlas")
+    assert [p["pair"] for p in atlas] == [f"S{i}_image_to_S01_image" for i in range(36, 41)]
+    assert all(p["fixed_image"].endswith("S01_image.nii.gz") for p in atlas)
+
+
+def test_prepare_refuses_a_folder_without_the_subjects(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match="S01"):
+        prepare_lpba40(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_real_data_overlay_trains_by_iterations_at_constant_lr():
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs", f) for f in ("train.json", "real_data.json")])
+    parser.update({"num_iterations": 1000, "val_every_iterations": 250})
+    assert parser.get_parsed_content("max_epochs") == 4
+    assert parser.get_parsed_content("epoch_length") == 250
+    assert parser.get_parsed_content("lr") == pytest.approx(1e-4)
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    for _ in range(50):
+        scheduler.step()
+    assert scheduler.get_last_lr() == [pytest.approx(1e-4)]
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch_length == 250 and trainer.state.max_epochs == 4
