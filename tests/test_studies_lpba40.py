@@ -63,3 +63,30 @@ def test_real_data_overlay_trains_by_iterations_at_constant_lr():
     assert scheduler.get_last_lr() == [pytest.approx(1e-4)]
     trainer = parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch_length == 250 and trainer.state.max_epochs == 4
+
+
+def test_evaluate_scores_every_controller_and_the_identity(tmp_path):
+    import torch
+
+    from monai_ipear.benchmark.methods import make_network
+    from monai_ipear.studies.lpba40 import evaluate_lpba40, format_lpba40_tables
+
+    _fake_lpba(tmp_path / "src", size=(16, 16, 16))
+    prepare_lpba40(str(tmp_path / "src"), str(tmp_path / "out"), pixdim=1.0)
+    torch.manual_seed(0)
+    ckpts = {}
+    for arch in ("ipear", "rpnet"):
+        ckpts[arch] = str(tmp_path / f"{arch}.pt")
+        torch.save({"model": make_network(arch).state_dict()}, ckpts[arch])
+    results = evaluate_lpba40(str(tmp_path / "out"), ckpts, protocols=("validation_atlas",), log=lambda *_: None)
+    rows = results["validation_atlas"]
+    assert list(rows) == ["No registration", "iPEAR (TCI)", "iPEAR single pass", "iPEAR fixed 3", "iPEAR IterStop",
+                          "RP-Net single pass", "IIRP-Net (IterStop, published code)", "RP-Net + TCI"]
+    assert all(len(r) == 5 for r in rows.values())
+    # every fake subject has the same slabs: no registration gives Dice 1 and no folding
+    assert all(r["dice_mean"] == 1.0 and r["folding_pct"] == 0.0 for r in rows["No registration"])
+    assert all(r["iterations"] == [1, 1, 1, 1] for r in rows["iPEAR single pass"])
+    assert all(r["iterations"] == [3, 3, 3, 3] for r in rows["iPEAR fixed 3"])
+    assert all(min(r["iterations"]) >= 3 for r in rows["iPEAR (TCI)"])  # window t = 3
+    table = format_lpba40_tables(results)
+    assert any(line.startswith("| iPEAR (TCI) |") for line in table)

@@ -1,6 +1,6 @@
 """LPBA40 study data: the iPEAR paper's LPBA experiment as bundle datalists.
 
-    python -m monai_ipear.studies.lpba40 --src ../shared/data/lpba40_1mm --out /data/lpba40_2mm --pixdim 2
+    python -m monai_ipear.studies.lpba40 prepare --src ../shared/data/lpba40_1mm --out /data/lpba40_2mm --pixdim 2
 
 reads the atlas ``S01`` and the training subjects ``S11``-``S40`` (160x192x160, 1 mm, skull-stripped, affinely
 co-aligned; the paper's test subjects S02-S10 are not part of the folder) and writes, for each subject,
@@ -16,6 +16,15 @@ co-aligned; the paper's test subjects S02-S10 are not part of the folder) and wr
   atlas S01 fixed: 5 pairs).
 
 Use with ``configs/lpba40/train.json`` (``--dataset_dir`` = ``--out``); see docs/lpba40.md for the commands.
+
+After training, ``evaluate`` scores the trained checkpoints on both validation protocols (subject -> atlas S01
+and the ordered inter-subject pairs of S36-S40) under each iteration controller, and ``plot`` draws validation
+Dice against training steps from the runs' TensorBoard logs::
+
+    python -m monai_ipear.studies.lpba40 evaluate --dataset_dir /data/lpba40_2mm \
+        --ipear runs/lpba_ipear/models/model_final.pt --rpnet runs/lpba_rpnet/models/model_final.pt \
+        --voxelmorph runs/lpba_voxelmorph/models/model_final.pt --out docs/lpba40_results.json
+    python -m monai_ipear.studies.lpba40 plot --run iPEAR=runs/lpba_ipear ... --every 100 --out docs/lpba40/val_dice.png
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Spacingd
 
 from ..preprocessing.__main__ import _save
 
-__all__ = ["LPBA40_SPLIT", "prepare_lpba40", "lpba40_main"]
+__all__ = ["LPBA40_SPLIT", "prepare_lpba40", "lpba40_methods", "evaluate_lpba40", "format_lpba40_tables", "read_validation_curve", "lpba40_main"]
 
 LPBA40_SPLIT = {
     "atlas": "S01",
@@ -87,13 +96,152 @@ def prepare_lpba40(src: str, out: str, pixdim: float = 2.0) -> dict:
     return datalist
 
 
+def load_trained(arch: str, path: str) -> torch.nn.Module:
+    """A network of ``arch`` (``ipear``, ``rpnet``, ``voxelmorph``) with the weights of a bundle checkpoint
+    (``model_final.pt``: a dict with ``"model"``; ``model.pt``: the state dict itself)."""
+    from ..benchmark.methods import make_network
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = make_network(arch)
+    net.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+    return net.eval()
+
+
+def lpba40_methods(checkpoints: dict[str, str]) -> list:
+    """Benchmark methods of the study: every trained network under the controllers the paper compares."""
+    from ..benchmark.methods import _net_method, _shallow_with_controller
+    from ..controllers import TCI, FixedIterations, IterStop, SinglePass
+
+    rows = []
+    if "ipear" in checkpoints:
+        net = load_trained("ipear", checkpoints["ipear"])
+        for name, ctrl in [("iPEAR (TCI)", TCI()), ("iPEAR single pass", SinglePass()),
+                           ("iPEAR fixed 3", FixedIterations(3)), ("iPEAR IterStop", IterStop())]:
+            rows.append(_net_method(name, _shallow_with_controller(net, ctrl), ""))
+    if "rpnet" in checkpoints:
+        net = load_trained("rpnet", checkpoints["rpnet"])
+        for name, ctrl in [("RP-Net single pass", SinglePass()), ("IIRP-Net (IterStop, published code)", IterStop(faithful=True)),
+                           ("RP-Net + TCI", TCI())]:
+            rows.append(_net_method(name, _shallow_with_controller(net, ctrl), ""))
+    if "voxelmorph" in checkpoints:
+        rows.append(_net_method("VoxelMorph (MONAI)", load_trained("voxelmorph", checkpoints["voxelmorph"]), ""))
+    return rows
+
+
+def _load_pairs(dataset_dir: str, split: str) -> list[dict]:
+    from ..data.datalist import load_registration_pairs
+    from ..data.transforms import registration_pair_transforms
+
+    xform = registration_pair_transforms()
+    out = []
+    for p in load_registration_pairs(os.path.join(dataset_dir, "dataset.json"), dataset_dir, split):
+        d = xform(dict(p))
+        out.append({k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
+    return out
+
+
+def evaluate_lpba40(dataset_dir: str, checkpoints: dict[str, str], protocols=("validation_atlas", "validation"),
+                    log=print) -> dict:
+    """``{protocol: {method: [per-pair rows]}}`` (Dice over the 56 labels, HD95, folding, time, updates per level)."""
+    from ..benchmark.harness import run_benchmark
+
+    methods = lpba40_methods(checkpoints)
+    with open(os.path.join(dataset_dir, "dataset.json")) as f:
+        labels = list(range(1, len(json.load(f)["label_codes"]) + 1))  # the renumbered structures (56 for LPBA40)
+    results = {}
+    for protocol in protocols:
+        pairs = _load_pairs(dataset_dir, protocol)
+        spacing = [float(v) for v in pairs[0]["fixed_image"].pixdim[:3]]
+        identity = _identity_method()
+        results[protocol] = run_benchmark([identity] + methods, pairs, labels=labels, spacing=spacing,
+                                          repeats=1, warmup=0, log=log)
+    return results
+
+
+def _identity_method():
+    from ..benchmark.methods import BenchmarkMethod
+
+    def register(moving, fixed):
+        return torch.zeros(moving.shape[0], moving.ndim - 2, *moving.shape[2:])
+
+    return BenchmarkMethod("No registration", register, note="identity field")
+
+
+def format_lpba40_tables(results: dict) -> list[str]:
+    """Markdown tables, one per protocol (mean (sd) over pairs)."""
+    from ..benchmark.report import accuracy_table
+
+    titles = {"validation_atlas": "Validation subject -> atlas S01", "validation": "Validation subject pairs (S36-S40)"}
+    lines = []
+    for protocol, res in results.items():
+        lines += ["", f"### {titles.get(protocol, protocol)}", ""] + accuracy_table(res, {})
+    return lines
+
+
+def read_validation_curve(run_dir: str, every: int, tag: str = "val_mean_dice") -> list[tuple[int, float]]:
+    """``(training step, value)`` of a bundle run's validation metric, from its TensorBoard log
+    (``runs/`` under the run's bundle root); the bundle logs it per validation round (= ``every`` iterations)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for root, _, files in os.walk(run_dir):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            acc = EventAccumulator(root, size_guidance={"scalars": 0})
+            acc.Reload()
+            if tag in acc.Tags().get("scalars", []):
+                for e in acc.Scalars(tag):
+                    points[int(e.step) * every] = float(e.value)
+    return sorted(points.items())
+
+
 def lpba40_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m monai_ipear.studies.lpba40", description=__doc__.splitlines()[0])
-    p.add_argument("--src", required=True, help="folder with images/SNN.nii.gz and labels/SNN.nii.gz")
-    p.add_argument("--out", required=True, help="output folder (NIfTI files and dataset.json)")
-    p.add_argument("--pixdim", type=float, default=2.0, help="voxel size in mm (2: CPU protocol, 1: the paper's)")
+    sub = p.add_subparsers(dest="command")
+    pre = sub.add_parser("prepare", help="resample, renumber and split the LPBA40 folder")
+    pre.add_argument("--src", required=True, help="folder with images/SNN.nii.gz and labels/SNN.nii.gz")
+    pre.add_argument("--out", required=True, help="output folder (NIfTI files and dataset.json)")
+    pre.add_argument("--pixdim", type=float, default=2.0, help="voxel size in mm (2: CPU protocol, 1: the paper's)")
+    ev = sub.add_parser("evaluate", help="score trained checkpoints on both validation protocols")
+    ev.add_argument("--dataset_dir", required=True)
+    for arch in ("ipear", "rpnet", "voxelmorph"):
+        ev.add_argument(f"--{arch}", default=None, help=f"{arch} bundle checkpoint")
+    ev.add_argument("--out", required=True, help="JSON file of per-pair results")
+    pl = sub.add_parser("plot", help="validation Dice against training steps")
+    pl.add_argument("--run", action="append", required=True, help="NAME=bundle_root of a training run")
+    pl.add_argument("--every", type=int, required=True, help="val_every_iterations of the runs")
+    pl.add_argument("--out", required=True, help="PNG path (a JSON of the points is written beside it)")
     a = p.parse_args(argv)
-    prepare_lpba40(a.src, a.out, a.pixdim)
+    if a.command == "prepare":
+        prepare_lpba40(a.src, a.out, a.pixdim)
+    elif a.command == "evaluate":
+        ckpts = {k: getattr(a, k) for k in ("ipear", "rpnet", "voxelmorph") if getattr(a, k)}
+        if not ckpts:
+            p.error("give at least one of --ipear, --rpnet, --voxelmorph")
+        results = evaluate_lpba40(a.dataset_dir, ckpts)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print("\n".join(format_lpba40_tables(results)))
+    elif a.command == "plot":
+        from ..benchmark.plots import _figure, plt
+
+        curves = {}
+        for item in a.run:
+            name, _, folder = item.partition("=")
+            curves[name] = read_validation_curve(folder, a.every)
+        fig = _figure()(figsize=(6, 4))
+        ax = fig.add_subplot(111)
+        for name, pts in curves.items():
+            ax.plot([s for s, _ in pts], [100 * v for _, v in pts], marker="o", label=name)
+        ax.set_xlabel("training steps (optimiser updates, batch 1)")
+        ax.set_ylabel("validation Dice (%), subject -> atlas S01")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(a.out, dpi=100)
+        plt.close(fig)
+        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+            json.dump(curves, f, indent=1)
+    else:
+        p.print_help()
 
 
 if __name__ == "__main__":
