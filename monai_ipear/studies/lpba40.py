@@ -205,6 +205,8 @@ def lpba40_main(argv=None) -> None:
     ev.add_argument("--dataset_dir", required=True)
     for arch in ("ipear", "rpnet", "voxelmorph"):
         ev.add_argument(f"--{arch}", default=None, help=f"{arch} bundle checkpoint")
+    ev.add_argument("--protocols", nargs="+", default=["validation_atlas", "validation"],
+                    help="datalist splits to score (default: both validation protocols)")
     ev.add_argument("--out", required=True, help="JSON file of per-pair results")
     pl = sub.add_parser("plot", help="validation Dice against training steps")
     pl.add_argument("--run", action="append", required=True, help="NAME=bundle_root of a training run")
@@ -217,7 +219,7 @@ def lpba40_main(argv=None) -> None:
         ckpts = {k: getattr(a, k) for k in ("ipear", "rpnet", "voxelmorph") if getattr(a, k)}
         if not ckpts:
             p.error("give at least one of --ipear, --rpnet, --voxelmorph")
-        results = evaluate_lpba40(a.dataset_dir, ckpts)
+        results = evaluate_lpba40(a.dataset_dir, ckpts, tuple(a.protocols))
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
         print("\n".join(format_lpba40_tables(results)))
