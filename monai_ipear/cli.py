@@ -321,8 +321,12 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
     image = _check_file(image, "image")
     if out is None or str(out) == "":
         raise RegistrationCLIError("--out is required.")
-    if not isinstance(label, bool):
-        raise RegistrationCLIError(f"--label is a flag (true/false), got '{label}'.")
+    from monai_ipear.engines.preflight import as_bool
+
+    try:
+        label = as_bool(label, "--label")  # the one boolean parser: --label false is false
+    except ValueError as e:
+        raise RegistrationCLIError(str(e)) from e
     _refuse_overwrite(out, image, ddf)
     steps = _progress(3, f"warp {os.path.basename(image)}")
     field, affine, field_img = _load_ddf(ddf, ddf_units)

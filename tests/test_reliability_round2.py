@@ -84,6 +84,9 @@ def test_large_label_values_survive_register_and_warp(tmp_path):
     ddf = str(tmp_path / "out" / "m_to_f_ddf.nii.gz")
     assert main(["warp", "--image", lf, "--ddf", ddf, "--out", str(tmp_path / "w.nii.gz"), "--label"]) == 0
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "w.nii.gz")).dataobj), lab)
+    # --label false (a string from fire) is parsed by the one boolean parser: bilinear, float output
+    assert main(["warp", "--image", lf, "--ddf", ddf, "--out", str(tmp_path / "wf.nii.gz"), "--label", "false"]) == 0
+    assert nib.load(str(tmp_path / "wf.nii.gz")).get_data_dtype() == np.float32
     # the writer alone, on a float64 tensor
     write_label_map(torch.as_tensor(lab, dtype=torch.float64)[None], torch.as_tensor(AXIAL), str(tmp_path / "d.nii.gz"))
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "d.nii.gz")).dataobj), lab)
