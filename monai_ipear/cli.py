@@ -51,12 +51,12 @@ def _check_file(path, what: str) -> str:
     return path
 
 
-def _load(path: str, what: str):
+def _load(path: str, what: str, dtype="float32"):
     """Read an image with MONAI's ``LoadImage`` (channel first); unreadable files raise a one-line error."""
     from monai.transforms import EnsureChannelFirst, LoadImage
 
     try:
-        img = LoadImage(image_only=True)(path)
+        img = LoadImage(image_only=True, dtype=dtype)(path)
         return EnsureChannelFirst()(img)
     except Exception as e:  # MONAI's reader errors are multi-line lists of every reader's failure
         raise RegistrationCLIError(f"cannot read {what} file {path}: {type(e).__name__}") from e
@@ -273,19 +273,34 @@ def _load_ddf(ddf: str, ddf_units: str):
     """A saved DDF ``(*spatial, spatial_dims)`` NIfTI -> ``(1, spatial_dims, *spatial)`` voxel tensor, affine."""
     from monai_ipear.engines import ddf_to_mm
 
+    from monai_ipear.engines.outputs import check_finite
+
     field = _load(_check_file(ddf, "ddf"), "ddf")
     sd = field.shape[0]
+    if sd == 2 and field.ndim == 4 and field.shape[-1] == 1:  # a 2D field is stored (H, W, 1, 2)
+        field = field[..., 0]
     if field.ndim - 1 != sd or sd not in (2, 3):
         raise RegistrationCLIError(
             f"{ddf} is not a displacement field: expected one component per spatial axis, got shape "
             f"{tuple(field.shape[1:]) + (sd,)}.")
+    check_finite(field, f"the displacement field {ddf}", hint="it cannot be applied or measured.")
     affine = field.affine.double()
     t = field.as_tensor().float()
     if ddf_units == "mm":  # back to voxels: the inverse of the linear part of the fixed image's affine
         t = ddf_to_mm(t, torch.linalg.inv(affine[:sd, :sd]))
     elif ddf_units != "voxel":
         raise RegistrationCLIError(f"--ddf-units must be 'voxel' or 'mm', got '{ddf_units}'.")
-    return t[None], affine
+    return t[None], affine, field
+
+
+def _check_grid(img, field, what: str) -> None:
+    """``img`` (an image or mask) must be on the field's (the fixed image's) grid: shape and affine."""
+    from monai_ipear.data.transforms import check_same_grid
+
+    try:
+        check_same_grid(img, field, what, "the field")
+    except ValueError as e:
+        raise RegistrationCLIError(f"{e} (the field is on the fixed image's grid)") from e
 
 
 def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
@@ -301,24 +316,33 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
     from monai.networks.blocks import Warp
 
     from monai_ipear.engines import RegistrationOutputWriter
+    from monai_ipear.engines.outputs import write_label_map
 
     image = _check_file(image, "image")
     if out is None or str(out) == "":
         raise RegistrationCLIError("--out is required.")
-    if not isinstance(label, bool):
-        raise RegistrationCLIError(f"--label is a flag (true/false), got '{label}'.")
+    from monai_ipear.engines.preflight import as_bool
+
+    try:
+        label = as_bool(label, "--label")  # the one boolean parser: --label false is false
+    except ValueError as e:
+        raise RegistrationCLIError(str(e)) from e
     _refuse_overwrite(out, image, ddf)
     steps = _progress(3, f"warp {os.path.basename(image)}")
-    field, affine = _load_ddf(ddf, ddf_units)
-    img = _load(image, "image")
-    if tuple(img.shape[1:]) != tuple(field.shape[2:]):
-        raise RegistrationCLIError(f"image grid {tuple(img.shape[1:])} differs from the field's {tuple(field.shape[2:])}.")
+    field, affine, field_img = _load_ddf(ddf, ddf_units)
+    img = _load(image, "image", dtype="float64" if label else "float32")  # labels exact up to 2**53
+    _check_grid(img, field_img, f"image {image}")
     steps.update()
-    warped = Warp(mode="nearest" if label else "bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)
+    if label:
+        warped = Warp(mode="nearest", padding_mode="zeros")(img.as_tensor()[None], field.double())
+    else:
+        warped = Warp(mode="bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)
     steps.update()
     os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
-    RegistrationOutputWriter._save(warped[0].round() if label else warped[0], affine, str(out),
-                                   dtype=np.int16 if label else np.float32)  # labels: nearest integer, not truncated
+    if label:  # nearest integer in the smallest integer type that holds the labels
+        write_label_map(warped[0], affine, str(out))
+    else:
+        RegistrationOutputWriter._save(warped[0], affine, str(out))
     steps.set_postfix_str(f"wrote {out}")
     steps.update()
     steps.close()
@@ -340,12 +364,14 @@ def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
     if out is not None:
         _refuse_overwrite(out, ddf, mask)
     steps = _progress(2, "jacobian")
-    field, affine = _load_ddf(ddf, ddf_units)
+    field, affine, field_img = _load_ddf(ddf, ddf_units)
     m = None
     if mask is not None:
-        m = _load(_check_file(mask, "mask"), "mask").as_tensor()[None]
-        if tuple(m.shape[2:]) != tuple(field.shape[2:]):
-            raise RegistrationCLIError(f"mask grid {tuple(m.shape[2:])} differs from the field's {tuple(field.shape[2:])}.")
+        mask_img = _load(_check_file(mask, "mask"), "mask")
+        _check_grid(mask_img, field_img, f"mask {mask}")
+        m = mask_img.as_tensor()[None]
+        if not bool((m != 0).any()):
+            raise RegistrationCLIError(f"mask {mask} is empty (no nonzero voxel): the folding percentage is undefined.")
     det = jacobian_determinant(field)
     folding = float(folding_percentage(field, m)[0])
     steps.update()
@@ -417,8 +443,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             raise
         while str(e).startswith("applying transform") and e.__cause__ is not None:
             e = e.__cause__  # MONAI's Compose wraps a transform's error: report the transform's own message
-        text = str(e).strip().splitlines()
-        print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+        text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
+        print(f"error: {text or type(e).__name__}", file=sys.stderr)
         return 2
     finally:
         _PROGRESS_STREAM = None

@@ -82,7 +82,7 @@ def test_warp_label_reproduces_register_and_known_shift(pair, tmp_path):
                "--out", str(tmp_path / "lab.nii.gz"), "--label"])
     assert rc == 0
     warped = nib.load(str(tmp_path / "lab.nii.gz"))
-    assert warped.get_data_dtype() == np.int16 and np.allclose(warped.affine, AFFINE)
+    assert warped.get_data_dtype() == np.uint8 and np.allclose(warped.affine, AFFINE)
     assert np.array_equal(warped.get_fdata(), nib.load(str(out / "mov_to_fix_warped_label.nii.gz")).get_fdata())
     # a constant shift of +2 voxels along axis 0 (pull): warped[x] = image[x + 2]; in mm (1.2 mm voxels): 2.4
     image = np.random.default_rng(0).random((16, 12, 10)).astype(np.float32)

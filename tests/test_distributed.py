@@ -43,7 +43,7 @@ def test_two_gloo_processes_train_identically_and_only_rank0_writes(tmp_path):
     w0 = torch.load(bundle / "rank0.pt", map_location="cpu", weights_only=True)
     w1 = torch.load(bundle / "rank1.pt", map_location="cpu", weights_only=True)
     assert set(w0) == set(w1) and all(torch.equal(w0[k], w1[k]) for k in w0)  # DDP kept the ranks identical
-    final = torch.load(bundle / "models" / "model_final.pt", map_location="cpu", weights_only=False)
+    final = torch.load(bundle / "models" / "model_final.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(final["model"][k], w0[k]) for k in w0)  # unwrapped (no "module." prefix)
     # DistributedSampler: 4 pairs over 2 ranks -> 2 optimiser steps per rank in the epoch
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {2}

@@ -226,7 +226,7 @@ def test_synthetic_weights_match_published_forward(tmp_path):
 def real():
     if not WEIGHTS.exists():
         pytest.skip(f"published IIRP-Net checkpoint not found at {WEIGHTS} (set IIRP_WEIGHTS)")
-    return torch.load(WEIGHTS, map_location="cpu", weights_only=False)["model_state"]
+    return torch.load(WEIGHTS, map_location="cpu", weights_only=True)["model_state"]
 
 
 def test_real_checkpoint_loads(real):

@@ -170,8 +170,9 @@ def test_killed_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tmp_p
     done = torch.load(latest, map_location="cpu", weights_only=True)["trainer"]["iteration"] // PAIRS
     assert 1 <= done < MAX_EPOCHS
 
-    # 3) resume from that checkpoint with the same max_epochs: the run finishes the remaining epochs
-    run(**_bundle_args(killed, resume=True, ckpt_path=latest))
+    # 3) resume with the README's recipe (--resume true, default ckpt_path = the checkpoint folder): the newest
+    # checkpoint, that epoch file, is taken and the run finishes the remaining epochs with the same max_epochs
+    run(**_bundle_args(killed, resume=True))
     resumed = _final_model(killed)
     assert resumed["trainer"]["iteration"] == reference["trainer"]["iteration"] == MAX_EPOCHS * PAIRS
     for part in ("model", "optimizer", "lr_scheduler"):

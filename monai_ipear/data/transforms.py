@@ -18,7 +18,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-__all__ = ["registration_pair_transforms", "SameGridCheckd"]
+__all__ = ["registration_pair_transforms", "SameGridCheckd", "FiniteLabelsd", "check_same_grid"]
 
 IMAGE_KEYS = ("moving_image", "fixed_image")
 LABEL_KEYS = ("moving_label", "fixed_label")
@@ -46,22 +46,39 @@ class SameGridCheckd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        ref = d[self.reference_key]
-        ref_aff = ref.affine.double() if isinstance(ref, MetaTensor) else None
         for key in self.key_iterator(d):
-            if key == self.reference_key:
-                continue
-            x = d[key]
-            if tuple(x.shape[1:]) != tuple(ref.shape[1:]):
-                raise ValueError(f"{key} {tuple(x.shape[1:])} and {self.reference_key} {tuple(ref.shape[1:])} are not "
-                                 "on the same voxel grid: resample or pre-align onto the fixed grid first.")
-            if ref_aff is not None and isinstance(x, MetaTensor):
-                aff = x.affine.double()
-                if aff.shape != ref_aff.shape or not torch.allclose(aff, ref_aff, rtol=0.0, atol=self.atol):
-                    raise ValueError(
-                        f"{key} and {self.reference_key} have the same shape but different affines "
-                        f"({aff.tolist()} vs {ref_aff.tolist()}): not on the same voxel grid; resample or pre-align "
-                        "onto the fixed grid first.")
+            if key != self.reference_key:
+                check_same_grid(d[key], d[self.reference_key], key, self.reference_key, self.atol)
+        return d
+
+
+def check_same_grid(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, atol: float = 1e-3) -> None:
+    """Raise ``ValueError`` unless channel-first ``x`` and ``ref`` have the same spatial shape and (for
+    MetaTensors) the same voxel-to-world affine within ``atol``. Used by :class:`SameGridCheckd` and by the CLI
+    (``warp`` / ``jacobian`` compare the image or mask with the field's grid)."""
+    if tuple(x.shape[1:]) != tuple(ref.shape[1:]):
+        raise ValueError(f"{name} {tuple(x.shape[1:])} and {ref_name} {tuple(ref.shape[1:])} are not "
+                         "on the same voxel grid: resample or pre-align onto the fixed grid first.")
+    if isinstance(ref, MetaTensor) and isinstance(x, MetaTensor):
+        aff, ref_aff = x.affine.double(), ref.affine.double()
+        if aff.shape != ref_aff.shape or not torch.allclose(aff, ref_aff, rtol=0.0, atol=float(atol)):
+            raise ValueError(
+                f"{name} and {ref_name} have the same shape but different affines "
+                f"({aff.tolist()} vs {ref_aff.tolist()}): not on the same voxel grid; resample or pre-align "
+                "onto the fixed grid first.")
+
+
+class FiniteLabelsd(MapTransform):
+    """Refuse label maps holding NaN or Inf (``FloatingPointError`` naming the key and the file): rounding and the
+    integer cast of the writers would silently turn them into label 0 or a huge negative value."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        from ..engines.outputs import check_finite
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = d[key].meta.get("filename_or_obj", "") if isinstance(d[key], MetaTensor) else ""
+            check_finite(d[key], f"{key} {src}".strip(), hint="a label map must hold integer label values.")
         return d
 
 
@@ -91,10 +108,11 @@ def registration_pair_transforms(
     """
     image_keys, label_keys = list(image_keys), list(label_keys)
     keys = image_keys + label_keys
-    xforms = [
-        LoadImaged(keys, reader=reader, image_only=True, allow_missing_keys=allow_missing_keys),
-        EnsureChannelFirstd(keys, allow_missing_keys=allow_missing_keys),
-    ]
+    xforms = [LoadImaged(image_keys, reader=reader, image_only=True)]
+    if label_keys:  # label maps read as float64: exact for integer labels up to 2**53 (float32: up to 2**24)
+        xforms.append(LoadImaged(label_keys, reader=reader, image_only=True, dtype="float64",
+                                 allow_missing_keys=allow_missing_keys))
+    xforms.append(EnsureChannelFirstd(keys, allow_missing_keys=allow_missing_keys))
     if pixdim is not None:
         xforms.append(
             Spacingd(keys, pixdim=pixdim, mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys),
@@ -103,9 +121,13 @@ def registration_pair_transforms(
     if check_grid and len(image_keys) >= 2:
         xforms.append(SameGridCheckd(keys, reference_key=image_keys[-1], allow_missing_keys=allow_missing_keys))
     if label_keys:  # float-valued label maps (1.9999 / 2.0001): nearest integer, not truncation, downstream
-        xforms.append(AsDiscreted(label_keys, rounding="torchrounding", allow_missing_keys=allow_missing_keys))
+        xforms.append(FiniteLabelsd(label_keys, allow_missing_keys=allow_missing_keys))
+        xforms.append(AsDiscreted(label_keys, rounding="torchrounding", dtype=torch.float64,
+                                  allow_missing_keys=allow_missing_keys))
     xforms.append(ScaleIntensityd(image_keys, minv=0.0, maxv=1.0))
     if divisible_k is not None and divisible_k > 1:
         xforms.append(DivisiblePadd(keys, k=divisible_k, method="end", allow_missing_keys=allow_missing_keys))
-    xforms.append(EnsureTyped(keys, dtype="float32", allow_missing_keys=allow_missing_keys))
+    xforms.append(EnsureTyped(image_keys, dtype="float32"))
+    if label_keys:  # float64 holds every integer label value up to 2**53 (float32 merges values above 2**24)
+        xforms.append(EnsureTyped(label_keys, dtype="float64", allow_missing_keys=allow_missing_keys))
     return Compose(xforms)

@@ -12,6 +12,7 @@ from monai.data.utils import affine_to_spacing
 
 from ..metrics import pair_registration_metrics
 from .outputs import fixed_affines, pair_names
+from .preflight import as_bool
 
 __all__ = ["RegistrationMetricsWriter", "summarize_rows"]
 
@@ -68,7 +69,7 @@ class RegistrationMetricsWriter:
     ) -> None:
         self.output_dir = output_dir
         self.labels = labels
-        self.surface = surface
+        self.surface = as_bool(surface, "surface")  # a bundle override arrives as the string 'false'
         self.fixed_key = fixed_key
         self.csv_name, self.summary_name = csv_name, summary_name
         self.rows: list[dict] = []

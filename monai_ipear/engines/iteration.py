@@ -12,16 +12,18 @@ import time
 
 import torch
 from monai.data import MetaTensor
+from monai.networks.blocks import Warp
 from monai.utils import CommonKeys as Keys
 
 from ..networks.blocks.fields import FieldComposer
+from .outputs import check_finite
 
 __all__ = ["RegistrationTrainIteration", "RegistrationEvalIteration"]
 
 
-def _plain(x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+def _plain(x: torch.Tensor, device: torch.device | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-    return x.to(device=device, dtype=torch.float32) if device is not None else x.float()
+    return x.to(device=device, dtype=dtype)
 
 
 class _PairIteration:
@@ -36,6 +38,7 @@ class _PairIteration:
         self.moving_key, self.fixed_key = moving_key, fixed_key
         self.moving_label_key, self.fixed_label_key = moving_label_key, fixed_label_key
         self.fields = FieldComposer(padding_mode)
+        self.label_warp = Warp(mode="nearest", padding_mode=padding_mode)
 
     def _pair(self, engine, batchdata: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = getattr(engine.state, "device", None)
@@ -43,6 +46,11 @@ class _PairIteration:
 
     def _warp(self, image: torch.Tensor, ddf: torch.Tensor, nearest: bool = False) -> torch.Tensor:
         return self.fields.warp(image, ddf, mode="nearest" if nearest else "bilinear")
+
+    def _warp_label(self, label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Nearest-neighbour warp of a label map in float64 (MONAI ``Warp``): exact for label values up to 2**53,
+        where float32 merges values above 2**24 (16777217 -> 16777216)."""
+        return self.label_warp(label.double(), ddf.double())
 
 
 class RegistrationTrainIteration(_PairIteration):
@@ -110,16 +118,19 @@ class RegistrationEvalIteration(_PairIteration):
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
             out = {self.moving_key: moving, self.fixed_key: fixed, "ddf": ddf, "warped_image": self._warp(moving, ddf)}
+            # before any handler writes or scores it: a NaN field (NaN weights) would be written as an all-zero image
+            check_finite(ddf, f"the displacement field of {type(engine.network).__name__}")
+            check_finite(out["warped_image"], "the warped image")
             iters = getattr(engine.network, "last_iterations", None)
             if iters is not None:
                 out["iterations"] = iters.detach().cpu()
             out["time"] = torch.full((moving.shape[0],), elapsed / moving.shape[0])
             if self.moving_label_key in batchdata:
-                ml = _plain(batchdata[self.moving_label_key], device)
+                ml = _plain(batchdata[self.moving_label_key], device, torch.float64)
                 out[self.moving_label_key] = ml
-                out["warped_label"] = self._warp(ml, ddf, nearest=True)
+                out["warped_label"] = self._warp_label(ml, ddf)
             if "warped_label" in out and self.fixed_label_key in batchdata:
-                out[self.fixed_label_key] = _plain(batchdata[self.fixed_label_key], device)
+                out[self.fixed_label_key] = _plain(batchdata[self.fixed_label_key], device, torch.float64)
                 out[Keys.PRED], out[Keys.LABEL] = out["warped_label"], out[self.fixed_label_key]
             else:
                 out[Keys.PRED], out[Keys.LABEL] = out["warped_image"], fixed

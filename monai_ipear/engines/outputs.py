@@ -9,7 +9,58 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelWriter
 
-__all__ = ["RegistrationOutputWriter", "pair_names", "fixed_affines", "ddf_to_mm", "input_paths", "refuse_overwrite"]
+__all__ = [
+    "RegistrationOutputWriter", "pair_names", "fixed_affines", "ddf_to_mm", "input_paths", "refuse_overwrite",
+    "write_nifti", "write_label_map", "label_dtype", "check_finite",
+]
+
+
+def check_finite(x: torch.Tensor, what: str, hint: str = "nothing written; check the model weights (a diverged "
+                 "training?) and the inputs.") -> None:
+    """The one finiteness check of the package's outputs (and of label maps read from files): raise
+    ``FloatingPointError`` naming ``what`` and the share of non-finite values when ``x`` holds NaN or Inf."""
+    x = torch.as_tensor(x)
+    if x.is_floating_point():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            raise FloatingPointError(
+                f"{what} holds non-finite values (NaN/Inf in {100.0 * float(bad.float().mean()):.3g} % of "
+                f"{bad.numel()} voxels): {hint}")
+
+
+def label_dtype(array) -> np.dtype:
+    """The smallest integer NIfTI dtype holding every value of ``array`` (uint8, int16, int32 or int64)."""
+    a = np.asarray(array)
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    for dt in (np.uint8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dt)
+    raise ValueError(f"label values {lo}..{hi} do not fit in int64.")
+
+
+def write_nifti(array: torch.Tensor, affine: torch.Tensor, path: str, dtype=np.float32) -> None:
+    """Write a channel-first ``(C, *spatial)`` array as NIfTI with exactly ``affine``, in any orientation, 2D or 3D.
+
+    MONAI's :class:`~monai.data.NibabelWriter` is used for the channel-last layout and the header (sform and qform
+    code 1, as ITK reads them), but not its ``set_metadata``: that always runs a ``SpatialResample``, which fails
+    on coronal / sagittal affines and on 2D images even with ``resample=False``. The data are already on the fixed
+    image's grid, so the affine is set as is.
+    """
+    writer = NibabelWriter(output_dtype=dtype)
+    writer.set_data_array(array.detach().cpu(), channel_dim=0)
+    writer.affine = np.asarray(torch.as_tensor(affine).detach().cpu().double())
+    writer.write(path, verbose=False)
+
+
+def write_label_map(array: torch.Tensor, affine: torch.Tensor, path: str) -> np.dtype:
+    """The one label-map writer: round to the nearest integer and write with :func:`label_dtype`, so every label
+    value survives (a fixed int16 turned 40000 into -25536). Non-finite labels are refused. Returns the dtype."""
+    check_finite(array, f"label map for {os.path.basename(str(path))}")
+    values = torch.as_tensor(array).detach().cpu().double().round()
+    dtype = label_dtype(values.numpy())
+    write_nifti(values, affine, path, dtype=dtype)
+    return dtype
 
 
 def pair_names(batch: dict, size: int, offset: int = 0) -> list[str]:
@@ -89,6 +140,7 @@ class RegistrationOutputWriter:
         self.iterations_file = iterations_file
         self.rows: list[list] = []
         self.count = 0
+        self.names: set[str] = set()  # output names written in this run: a second pair of the same name is refused
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -98,15 +150,12 @@ class RegistrationOutputWriter:
         engine.add_event_handler(Events.COMPLETED, self._write_iterations)
 
     def _reset(self, engine=None) -> None:
-        self.rows, self.count = [], 0
+        self.rows, self.count, self.names = [], 0, set()
 
     @staticmethod
     def _save(array: torch.Tensor, affine: torch.Tensor, path: str, dtype=np.float32) -> None:
-        writer = NibabelWriter(output_dtype=dtype)
-        writer.set_data_array(array.detach().cpu(), channel_dim=0)
         # the affine is already the fixed image's (RAS for NIfTI): no resampling, no LPS->RAS flip
-        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-        writer.write(path, verbose=False)
+        write_nifti(array, affine, path, dtype=dtype)
 
     def __call__(self, engine) -> None:
         out, batch = engine.state.output, engine.state.batch
@@ -118,13 +167,19 @@ class RegistrationOutputWriter:
         inputs = input_paths(batch)
         for b in range(size):
             prefix = os.path.join(self.output_dir, names[b])
+            if names[b] in self.names:
+                raise ValueError(
+                    f"two pairs of this run have the output name '{names[b]}': the second would overwrite the first's "
+                    "files. Give the pairs unique 'pair' names (load_registration_pairs adds the parent folder when "
+                    "file names collide).")
+            self.names.add(names[b])
             for suffix in ("warped", "ddf", "warped_label"):
                 refuse_overwrite(f"{prefix}_{suffix}.nii.gz", inputs)
             field = ddf[b] if self.ddf_units == "voxel" else ddf_to_mm(ddf[b], affines[b])
             self._save(out["warped_image"][b], affines[b], f"{prefix}_warped.nii.gz")
             self._save(field, affines[b], f"{prefix}_ddf.nii.gz")
             if "warped_label" in out:
-                self._save(out["warped_label"][b].round(), affines[b], f"{prefix}_warped_label.nii.gz", dtype=np.int16)
+                write_label_map(out["warped_label"][b], affines[b], f"{prefix}_warped_label.nii.gz")
             iters = out.get("iterations")
             self.rows.append([names[b]] + ([int(v) for v in iters[b]] if iters is not None else []))
         self.count += size

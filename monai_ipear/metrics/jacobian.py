@@ -42,10 +42,16 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
 def folding_percentage(ddf: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Percentage of voxels with Jacobian determinant <= 0, per sample: ``(B,)`` in [0, 100].
 
-    ``mask`` (optional, ``(B, 1, *spatial)``, nonzero = counted) restricts the count, e.g. to the brain.
+    ``mask`` (optional, ``(B, 1, *spatial)``, nonzero = counted) restricts the count, e.g. to the brain; a sample
+    whose mask is empty, or whose field holds NaN/Inf, gives NaN (undefined), not 0 %.
     """
-    folded = (jacobian_determinant(ddf) <= 0).float()
+    det = jacobian_determinant(ddf)
+    folded = (det <= 0).float()
+    undefined = ~torch.isfinite(det).flatten(1).all(1)  # a NaN/Inf field: NaN, not "0 % folding"
     if mask is None:
-        return 100.0 * folded.flatten(1).mean(1)
+        pct = 100.0 * folded.flatten(1).mean(1)
+        return torch.where(undefined, torch.full_like(pct, float("nan")), pct)
     m = (mask != 0).float()
-    return 100.0 * (folded * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+    count = m.flatten(1).sum(1)
+    pct = 100.0 * (folded * m).flatten(1).sum(1) / count.clamp_min(1.0)
+    return torch.where((count > 0) & ~undefined, pct, torch.full_like(pct, float("nan")))  # empty mask: undefined

@@ -25,6 +25,13 @@ def check_registration_pair(
             )
         if t.shape[1] != in_channels:
             raise ValueError(f"{name} must have {in_channels} channel(s), got shape {tuple(t.shape)}.")
+    for name, t in (("moving", moving), ("fixed", fixed)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; the networks take floating-point images: pass "
+                            f"{name}.float() (intensities scaled to [0, 1]).")
+    if moving.dtype != fixed.dtype:
+        raise TypeError(f"moving ({moving.dtype}) and fixed ({fixed.dtype}) have different dtypes; cast both to the "
+                        "network's dtype (float32 unless you converted it), or run under torch.autocast.")
     if moving.shape != fixed.shape:
         raise ValueError(f"moving and fixed shapes differ: moving {tuple(moving.shape)}, fixed {tuple(fixed.shape)}.")
     if min(moving.shape[2:]) < min_size:

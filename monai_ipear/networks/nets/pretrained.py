@@ -24,6 +24,7 @@ The published code warps with zero padding and ``align_corners=True`` sampling a
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 
 import torch
@@ -105,8 +106,8 @@ def load_iirp_checkpoint(
     """Build an :class:`RPNet` (3D) and load the published IIRP-Net checkpoint into it, all or nothing.
 
     Args:
-        path: the published ``.pt`` file (e.g. ``model/mind.pt`` of Torbjorn1997/IIRP-Net). It is unpickled
-            with ``weights_only=False`` because the format stores a Python config dict: load trusted files only.
+        path: the published ``.pt`` file (e.g. ``model/mind.pt`` of Torbjorn1997/IIRP-Net), read with
+            ``weights_only=True``: tensors, dicts, lists and numbers only, so a crafted file cannot run code.
         controller: iteration control; default ``IterStop(faithful=faithful)``, i.e. IIRP-Net. Pass
             :class:`~monai_ipear.controllers.SinglePass` for RP-Net or :class:`~monai_ipear.controllers.TCI`
             for IIRP+TCI.
@@ -122,9 +123,16 @@ def load_iirp_checkpoint(
             :func:`convert_iirp_state_dict`).
     """
     try:
-        checkpoint = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+        checkpoint = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # not a pickle at all (a text file, a truncated download)
+            raise IIRPCheckpointError(f"cannot read {os.fspath(path)!r} as a torch checkpoint: {e}") from e
+        # an object torch's restricted unpickler does not allow: refused, never constructed or executed
+        raise IIRPCheckpointError(
+            f"cannot read {os.fspath(path)!r}: it holds Python objects other than tensors, dicts, lists and numbers "
+            "and is not loaded (unpickling it could run code).") from e
     except Exception as e:  # unreadable / not a torch file
         raise IIRPCheckpointError(f"cannot read {os.fspath(path)!r} as a torch checkpoint: {e}") from e
     if not isinstance(checkpoint, Mapping) or "model_state" not in checkpoint:
