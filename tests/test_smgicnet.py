@@ -223,6 +223,7 @@ def test_smgicnet_variant_config():
     levelwise = parser.get_parsed_content("levelwise")
     assert isinstance(levelwise, LevelwiseTraining) and levelwise.epochs == [4, 4, 6, 6]
     assert any(isinstance(h, LevelwiseTraining) for h in parser.get_parsed_content("train#handlers"))
+    assert parser.get_parsed_content("train#handlers")[-1] is levelwise
 
 
 def test_smgicnet_velocity_increment_bound():

@@ -164,3 +164,17 @@ def test_variants_merge_with_base_configs(base):
         expected = build(name, parser.get_parsed_content("spatial_dims"))
         assert type(net) is type(expected) and type(net.controller) is type(expected.controller), name
         assert [type(d) for d in net.decoders] == [type(d) for d in expected.decoders], name
+
+
+@pytest.mark.parametrize("base", ["inference.json", "evaluate.json"])
+@pytest.mark.parametrize("name", ["ran", "sacbnet", "smgicnet"])
+def test_comparison_variants_build_with_inference_and_evaluate(base, name):
+    """The comparison networks' variant files (network + training recipe) also merge over the inference and
+    evaluation configs, which only read ``network_def``."""
+    from monai_ipear import RAN, SACBNet, SMGICNet
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / base), str(VARIANTS / f"{name}.json")])
+    parser["spatial_dims"] = 2
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    assert type(net) is {"ran": RAN, "sacbnet": SACBNet, "smgicnet": SMGICNet}[name] and net.spatial_dims == 2
