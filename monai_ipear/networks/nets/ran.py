@@ -30,7 +30,7 @@ class RAN(nn.Module):
     module with atrous rates 4, 2, 1; the last block upsamples by a transposed convolution to full resolution, where
     the fifth RA module (atrous 1) receives the previous field (nearest x2, values x2) and confidence (nearest x2).
     The RA modules share :class:`RASharedConvs`. The output DDF is ``conv([fixed-branch features, M21])`` (the
-    reference's ``disp`` conv after the network).
+    reference's ``disp`` conv after the network), initialised near zero (N(0, 1e-5), as VoxelMorph's flow layer).
 
     Args:
         spatial_dims: 2 or 3.
@@ -81,6 +81,10 @@ class RAN(nn.Module):
             prev = c
         # kernel = spatial_dims in the reference ("same" padding); 3 is used in 2D too (even kernels pad asymmetrically)
         self.out = Convolution(spatial_dims, prev + spatial_dims, spatial_dims, kernel_size=3, conv_only=True)
+        # near-identity start (VoxelMorph's flow-layer init): the reference starts from Keras' Glorot init and a
+        # supervised pre-training stage on synthetic deformations, which the unsupervised recipe here does not have
+        nn.init.normal_(self.out.conv.weight, std=1e-5)
+        nn.init.zeros_(self.out.conv.bias)
         self.last_outputs: dict = {}
         self.last_iterations: torch.Tensor | None = None
 
