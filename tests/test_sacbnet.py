@@ -30,6 +30,25 @@ def test_kmeans_separates_clear_clusters_and_is_deterministic():
     assert torch.equal(labels, labels2) and torch.equal(cents, cents2)
 
 
+def test_kmeans_runs_to_convergence_with_a_cap():
+    """Default: Lloyd iterations until no label changes (a fixed point: the next update would repeat the centroids),
+    as SACB-Net's reference (tol 1e-9, no practical limit); ``max_iters`` caps it; a fixed ``num_iters`` still works."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 2, generator=g)  # no clear clusters: Lloyd needs many iterations
+    labels, cents = kmeans(x, 7, seed=0)
+    # converged: centroids are the means of their clusters and every point is nearest to its own centroid
+    for k in range(7):
+        if (labels == k).any():
+            assert torch.allclose(cents[k], x[labels == k].mean(0), atol=1e-5)
+    assert torch.equal(torch.cdist(x, cents).argmin(1), labels)
+    long_labels, _ = kmeans(x, 7, num_iters=500, seed=0)
+    assert torch.equal(labels, long_labels)
+    one_labels, one_cents = kmeans(x, 7, num_iters=1, seed=0)
+    capped_labels, capped_cents = kmeans(x, 7, seed=0, max_iters=1)
+    assert torch.equal(one_labels, capped_labels) and torch.equal(one_cents, capped_cents)
+    assert not torch.equal(one_labels, labels)  # one iteration is not converged on this data
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_matching_estimator_recovers_one_voxel_shift(spatial_dims):
     g = torch.Generator().manual_seed(0)

@@ -44,10 +44,46 @@ def smooth_pair(spatial_dims: int, size: int = 16, batch: int = 2, seed: int = 0
     return x, 0.5 * x + 0.5 * fixed
 
 
-def test_variant_files_override_only_network_def():
+RECIPE_KEYS = {"loss", "lr", "lr_scheduler"}  # a paper's training recipe (IIRP-Net / RP-Net, SACB-Net, RAN, SM-GICNet)
+
+
+def test_variant_files_override_only_network_def_and_recipe():
     for name in NAMES:
         cfg = json.loads((VARIANTS / f"{name}.json").read_text())
-        assert set(cfg) <= {"network_def", "inferer"}, name
+        assert set(cfg) <= {"network_def", "inferer"} | RECIPE_KEYS, name
+
+
+@pytest.mark.parametrize(
+    "name, lr, scheduler, smooth_weight",
+    [("iirp", 1e-4, "ConstantLR", 1.0), ("rpnet", 1e-4, "ConstantLR", 1.0), ("sacbnet", 1e-4, "PolynomialLR", 0.3)],
+)
+def test_variant_training_recipes(name, lr, scheduler, smooth_weight):
+    """IIRP-Net / RP-Net: Adam, constant lr 1e-4, LNCC(9) + 1.0 * Grad(l2); SACB-Net: lr 1e-4 with polynomial decay
+    (power 0.9 over the run), LNCC(9) + 0.3 * Grad(l2)."""
+    from monai_ipear import GradientSmoothnessLoss, RegistrationLoss
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(VARIANTS / f"{name}.json")])
+    parser["spatial_dims"] = 2
+    parser["max_epochs"] = 10
+    if name == "sacbnet":
+        parser["network_def"] = {"_target_": "RPNet", "spatial_dims": 2}  # the schedule only; SACB-Net is tested elsewhere
+    loss = parser.get_parsed_content("loss")
+    assert isinstance(loss, RegistrationLoss) and loss.smooth_weight == smooth_weight
+    assert isinstance(loss.regularization, GradientSmoothnessLoss)
+    opt = parser.get_parsed_content("optimizer")
+    sched = parser.get_parsed_content("lr_scheduler")
+    assert isinstance(opt, torch.optim.Adam) and type(sched).__name__ == scheduler
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    if scheduler == "ConstantLR":
+        assert lrs == [lr] * 10
+    else:
+        expected = [lr * (1 - e / 10) ** 0.9 for e in range(10)]
+        assert all(abs(a - b) < 1e-12 for a, b in zip(lrs, expected))
 
 
 @pytest.mark.parametrize(
@@ -70,7 +106,7 @@ def test_variant_components(name, cls, decoder, controller):
     if name == "ipear_fixed3":
         assert net.controller.k_max == 3
     if name == "iirp":
-        assert net.controller.faithful is False and net.controller.delta == 0.005 and net.controller.k_max == 10
+        assert net.controller.faithful is True and net.controller.delta == 0.005 and net.controller.k_max == 10
 
 
 def test_rpnet_variant_has_published_parameter_count():
@@ -128,3 +164,17 @@ def test_variants_merge_with_base_configs(base):
         expected = build(name, parser.get_parsed_content("spatial_dims"))
         assert type(net) is type(expected) and type(net.controller) is type(expected.controller), name
         assert [type(d) for d in net.decoders] == [type(d) for d in expected.decoders], name
+
+
+@pytest.mark.parametrize("base", ["inference.json", "evaluate.json"])
+@pytest.mark.parametrize("name", ["ran", "sacbnet", "smgicnet"])
+def test_comparison_variants_build_with_inference_and_evaluate(base, name):
+    """The comparison networks' variant files (network + training recipe) also merge over the inference and
+    evaluation configs, which only read ``network_def``."""
+    from monai_ipear import RAN, SACBNet, SMGICNet
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / base), str(VARIANTS / f"{name}.json")])
+    parser["spatial_dims"] = 2
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    assert type(net) is {"ran": RAN, "sacbnet": SACBNet, "smgicnet": SMGICNet}[name] and net.spatial_dims == 2

@@ -3,8 +3,10 @@ from .smgicnet import (
     FieldSmoothnessLoss,
     GradICONLoss,
     InverseConsistencyLoss,
+    MultiLevelConsistencyLoss,
     MultiLevelNCCLoss,
     SMGICNetLoss,
     SymmetricConsistencyLoss,
     composed_displacement,
 )
+from .ran import EdgeAwareSmoothnessLoss, MaskedLNCCLoss, RANLoss

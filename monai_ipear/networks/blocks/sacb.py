@@ -22,7 +22,8 @@ LEAKY = ("leakyrelu", {"negative_slope": 0.1})
 
 @torch.no_grad()
 def kmeans(
-    x: torch.Tensor, num_clusters: int, num_iters: int = 30, seed: int = 0, tol: float = 1e-6
+    x: torch.Tensor, num_clusters: int, num_iters: int | None = None, seed: int = 0, tol: float = 1e-6,
+    max_iters: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding on ``x`` ``(N, D)``; deterministic for a given ``seed``.
 
@@ -32,9 +33,11 @@ def kmeans(
     Args:
         x: ``(N, D)`` points.
         num_clusters: ``K`` (clamped to ``N``).
-        num_iters: maximum Lloyd iterations.
+        num_iters: maximum Lloyd iterations; ``None`` (default): run to convergence, as the SACB-Net reference
+            (``tol=1e-9``, no practical iteration limit), with ``max_iters`` as a safety cap.
         seed: seed of the k-means++ initialisation (a private generator; the global RNG is untouched).
-        tol: stop when no centroid moves by more than ``tol`` (Euclidean).
+        tol: converged when no centroid moves by more than ``tol`` (Euclidean) or no label changes.
+        max_iters: safety cap on the Lloyd iterations when ``num_iters`` is ``None``.
 
     Returns:
         ``labels`` ``(N,)`` long in ``[0, K)`` and ``centroids`` ``(K, D)``.
@@ -56,15 +59,17 @@ def kmeans(
         centroids = torch.cat([centroids, x[idx : idx + 1]], 0)
         d2 = torch.minimum(d2, (x - x[idx : idx + 1]).pow(2).sum(1))
     labels = _nearest(x, centroids)
-    for _ in range(num_iters):
+    for _ in range(max_iters if num_iters is None else num_iters):
         one_hot = F.one_hot(labels, k).to(x.dtype)  # (N, K)
         counts = one_hot.sum(0)
         sums = one_hot.t() @ x
         new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
         shift = (new - centroids).norm(dim=1).max()
         centroids = new
-        labels = _nearest(x, centroids)
-        if shift <= tol:
+        new_labels = _nearest(x, centroids)
+        unchanged = bool(torch.equal(new_labels, labels))
+        labels = new_labels
+        if shift <= tol or unchanged:  # unchanged labels: the next update would give the same centroids
             break
     return labels, centroids
 
@@ -95,7 +100,7 @@ class SpatialAwareConvBlock(nn.Module):
         kernel_size: odd kernel size of the spatially-aware convolution.
         hidden_kernel, hidden_bias: widths of the kernel-mask MLP (3 layers) and the bias MLP (3 layers).
         seed: k-means seed (the clustering is deterministic given it).
-        kmeans_iters: Lloyd iterations.
+        kmeans_iters: Lloyd iterations; ``None`` (default): to convergence (see :func:`kmeans`).
 
     ``forward(x)``: ``(B, channels, *spatial)`` -> same shape. The cluster map of the last call is kept in
     ``last_labels`` ``(B, *spatial)``.
@@ -110,7 +115,7 @@ class SpatialAwareConvBlock(nn.Module):
         hidden_kernel: int = 128,
         hidden_bias: int = 64,
         seed: int = 0,
-        kmeans_iters: int = 30,
+        kmeans_iters: int | None = None,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
