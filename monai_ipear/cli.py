@@ -258,7 +258,11 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="mo
     out = evaluator.state.output
     prefix = os.path.join(out_dir, name)
     written.update({"warped": f"{prefix}_warped.nii.gz", "ddf": f"{prefix}_ddf.nii.gz",
-                    "iterations_csv": os.path.join(out_dir, "iterations.csv")})
+                    "ddf_itk": f"{prefix}_ddf_itk.nii.gz", "iterations_csv": os.path.join(out_dir, "iterations.csv")})
+    if prealign == "affine":  # fixed point -> original moving point in one ITK transform: affine after the field
+        from monai_ipear.itk_fields import write_itk_composite
+
+        written["composite"] = write_itk_composite(written["affine"], written["ddf_itk"], f"{prefix}_composite.h5")
     if moving_label is not None:
         written["warped_label"] = f"{prefix}_warped_label.nii.gz"
     if "iterations" in out:
@@ -288,19 +292,26 @@ def _load_ddf(ddf: str, ddf_units: str):
     return t[None], affine
 
 
-def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
-    """Apply a saved DDF (``register``'s ``_ddf.nii.gz``) to IMAGE on the fixed grid and write OUT.
+def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel", itk_field=None) -> dict:
+    """Apply a saved field to IMAGE and write OUT on the field's (the fixed image's) grid.
+
+    The field may be ``register``'s DDF (``_ddf.nii.gz``, voxels), its ITK displacement field
+    (``_ddf_itk.nii.gz``) or its ITK composite transform (``_composite.h5``, with ``--prealign affine``); the
+    command says which form it read. With the DDF, IMAGE must be on the fixed grid (like the moving image the
+    network saw); with the ITK forms it may be on any grid (world coordinates), e.g. the original moving image.
 
     Args:
-        image: image or label map on the same grid as the moving image the field was computed for.
-        ddf: the displacement field file.
-        out: output file (written with the DDF's, i.e. the fixed image's, affine).
-        label: nearest-neighbour sampling and integer output (for label maps); default bilinear, float.
-        ddf_units: units the DDF was saved in (``voxel`` or ``mm``).
+        image: image or label map to warp.
+        ddf: the field file (DDF, ITK displacement field or ITK composite transform).
+        out: output file (written with the field's, i.e. the fixed image's, affine).
+        label: nearest-neighbour sampling and integer output (for label maps); default linear, float.
+        ddf_units: units of a DDF file (``voxel`` or ``mm``); ignored for the ITK forms.
+        itk_field: also write the ITK displacement field of a DDF file to this path (optional).
     """
     from monai.networks.blocks import Warp
 
     from monai_ipear.engines import RegistrationOutputWriter
+    from monai_ipear.itk_fields import apply_field, read_field, write_itk_displacement_field
 
     image = _check_file(image, "image")
     if out is None or str(out) == "":
@@ -308,21 +319,42 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
     if not isinstance(label, bool):
         raise RegistrationCLIError(f"--label is a flag (true/false), got '{label}'.")
     _refuse_overwrite(out, image, ddf)
+    if itk_field is not None:
+        _refuse_overwrite(itk_field, image, ddf)
     steps = _progress(3, f"warp {os.path.basename(image)}")
-    field, affine = _load_ddf(ddf, ddf_units)
+    ddf_path = _check_file(ddf, "ddf")
+    try:
+        form = read_field(ddf_path)
+    except Exception as e:
+        raise RegistrationCLIError(f"cannot read field file {ddf_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    steps.set_postfix_str(f"read {form.describe()}")
     img = _load(image, "image")
-    if tuple(img.shape[1:]) != tuple(field.shape[2:]):
-        raise RegistrationCLIError(f"image grid {tuple(img.shape[1:])} differs from the field's {tuple(field.shape[2:])}.")
     steps.update()
-    warped = Warp(mode="nearest" if label else "bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)
+    if form.kind == "monai-ddf":
+        field, affine = _load_ddf(ddf_path, ddf_units)
+        if tuple(img.shape[1:]) != tuple(field.shape[2:]):
+            raise RegistrationCLIError(f"image grid {tuple(img.shape[1:])} differs from the field's {tuple(field.shape[2:])}.")
+        warped = Warp(mode="nearest" if label else "bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)[0]
+        if itk_field is not None:
+            write_itk_displacement_field(field[0], affine, str(itk_field))
+    else:
+        if itk_field is not None:
+            raise RegistrationCLIError("--itk-field converts a DDF file; the field given is already an ITK field.")
+        if len(img.shape) - 1 != len(form.spatial_shape):
+            raise RegistrationCLIError(f"image has {len(img.shape) - 1} spatial dimensions, the field {len(form.spatial_shape)}.")
+        warped = apply_field(img, img.affine, form.points, mode="nearest" if label else "bilinear")
+        affine = torch.as_tensor(form.affine)
     steps.update()
     os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
-    RegistrationOutputWriter._save(warped[0].round() if label else warped[0], affine, str(out),
+    RegistrationOutputWriter._save(warped.round() if label else warped, affine, str(out),
                                    dtype=np.int16 if label else np.float32)  # labels: nearest integer, not truncated
     steps.set_postfix_str(f"wrote {out}")
     steps.update()
     steps.close()
-    return str(out)
+    result = {"warped": str(out), "field": form.describe()}
+    if itk_field is not None:
+        result["itk_field"] = str(itk_field)
+    return result
 
 
 def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
