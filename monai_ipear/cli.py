@@ -33,11 +33,34 @@ _PROGRESS_STREAM = None  # the real stderr while ``main`` collects fire's messag
 _OPEN_BARS: list = []  # closed by ``main`` before an error line, so the error starts on its own line
 
 
+class _LineProgress:
+    """Progress for a stream that is not a terminal (a log file, a pipe): one plain line per finished step,
+    ``<desc>: <n>/<total> <what happened>``, instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, total: int, desc: str, stream) -> None:
+        self.total, self.desc, self.stream, self.n, self.postfix = total, desc, stream, 0, ""
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = str(text)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        print(f"{self.desc}: {self.n}/{self.total} {self.postfix}".rstrip(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, desc: str):
+    """A step counter on stderr: a tqdm line on a terminal, plain lines otherwise; ``MONAI_IPEAR_QUIET=1``: none."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, file=_PROGRESS_STREAM or sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}",
-                disable=os.environ.get("MONAI_IPEAR_QUIET", "0") == "1")
+    stream = _PROGRESS_STREAM or sys.stderr
+    quiet = os.environ.get("MONAI_IPEAR_QUIET", "0") == "1"
+    if not quiet and not (hasattr(stream, "isatty") and stream.isatty()):
+        bar = _LineProgress(total, desc, stream)
+    else:
+        bar = tqdm(total=total, desc=desc, file=stream, bar_format="{desc}: {n_fmt}/{total_fmt}{postfix}", disable=quiet)
     _OPEN_BARS.append(bar)
     return bar
 
@@ -395,18 +418,83 @@ def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
 COMMANDS = {"register": register, "warp": warp, "jacobian": jacobian}
 
 
+def _prog_name() -> str:
+    """``monai-ipear`` when started by the console script, else ``python -m monai_ipear``."""
+    return "monai-ipear" if os.path.basename(sys.argv[0] or "").startswith("monai-ipear") else "python -m monai_ipear"
+
+
+def _command_help(prog: str, name: str) -> str:
+    """Help of one command from its signature and docstring (summary, then one line per option)."""
+    import inspect
+    import textwrap
+
+    func = COMMANDS[name]
+    doc = inspect.getdoc(func) or ""
+    summary, _, rest = doc.partition("\n\n")
+    described: dict[str, str] = {}
+    current = None
+    in_args = False
+    for line in rest.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if in_args and line and not line.startswith(" "):
+            in_args = False  # the Args section ended ("Returns ...")
+        if not in_args or not line.strip():
+            continue
+        head, sep, text = line.strip().partition(": ")
+        if line.startswith("    ") and not line.startswith("     ") and sep and head.isidentifier():
+            current = head
+            described[current] = text
+        elif current is not None:
+            described[current] += " " + line.strip()
+    required = {"register": ("fixed", "moving", "out_dir"), "warp": ("image", "ddf", "out"), "jacobian": ("ddf",)}[name]
+    summary = " ".join(summary.replace("``", "'").split())
+    lines = [f"usage: {prog} {name} [options]", "", textwrap.fill(summary, 100), "", "options:"]
+    for param in inspect.signature(func).parameters.values():
+        flag = "--" + param.name.replace("_", "-")
+        default = param.default
+        if isinstance(default, bool):
+            flag_text = flag
+        else:
+            flag_text = f"{flag} {param.name.upper()}"
+        text = described.get(param.name, "").replace("``", "'")
+        if param.name in required:
+            text += " (required)"
+        elif default is not None and default is not False and "default" not in text:
+            text += f" (default: {default})"
+        wrapped = textwrap.wrap(text, 72) or [""]
+        if len(flag_text) > 24:
+            lines.append(f"  {flag_text}")
+        else:
+            lines.append(f"  {flag_text:<24}{wrapped.pop(0)}")
+        lines.extend(f"  {'':<24}{w}" for w in wrapped)
+    lines.append(f"  {'-h, --help':<24}show this help and exit")
+    return "\n".join(lines)
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m monai_ipear``; returns the exit code (0, or 2 on a reported error)."""
     import fire
     from fire.core import FireExit
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = _prog_name()
+    if argv and argv[0] in ("-V", "--version"):
+        from monai_ipear import __version__
+
+        print(f"monai-ipear {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: python -m monai_ipear {register,warp,jacobian} [--help] [args]\n"
+        print(f"usage: {prog} {{register,warp,jacobian}} [--help] [args]   |   {prog} --version\n"
               "  register --fixed F --moving M --out-dir D [--moving-label L] [--model models/model.pt] "
               "[--prealign affine] [--config C] [--device cpu] [--ddf-units voxel|mm]\n"
-              "  warp     --image I --ddf D --out O [--label] [--ddf-units voxel|mm]\n"
-              "  jacobian --ddf D [--out O] [--mask M] [--ddf-units voxel|mm]")
+              "  warp     --image I --ddf D --out O [--label] [--ddf-units voxel|mm] [--itk-field F]\n"
+              "  jacobian --ddf D [--out O] [--mask M] [--ddf-units voxel|mm]\n"
+              f"{prog} COMMAND --help describes a command.")
+        return 0
+    if argv[0] in COMMANDS and any(a in ("-h", "--help") for a in argv[1:]):
+        print(_command_help(prog, argv[0]))
         return 0
     if argv[0] not in COMMANDS:
         print(f"error: unknown command '{argv[0]}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
@@ -440,7 +528,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             return 0
         lines = [ln for ln in fire_err.getvalue().splitlines() if ln.startswith("ERROR:")]
         msg = lines[0][len("ERROR:"):].strip() if lines else "invalid arguments"
-        print(f"error: {msg} (see python -m monai_ipear --help)", file=sys.stderr)
+        print(f"error: {msg} (see {prog} {argv[0]} --help)", file=sys.stderr)
         return 2
     except Exception as e:  # one clear line instead of a traceback
         for bar in _OPEN_BARS:
