@@ -139,7 +139,7 @@ def test_archive_check_reports_problems(archive, tmp_path):
     cases = [
         ("large_files.yml", lambda d: b'large_files:\n  - path: "models/model.pt"\n    url: ""\n    hash_type: "sha256"\n',
          "large files: download and hash: ValueError: unknown url type"),
-        ("configs/metadata.json", meta_edit(lambda m: m.pop("authors")), "metadata schema: ValidationError: 'authors'"),
+        ("configs/metadata.json", meta_edit(lambda m: m.pop("authors")), "metadata schema: ValueError: 'authors' is a required property"),
         ("configs/metadata.json", meta_edit(lambda m: m.update(version="9.9.9")), "version and changelog: version 9.9.9"),
         ("configs/metadata.json", meta_edit(lambda m: m["required_packages_version"].update({"monai-ipear": "0.1.0"})),
          "requirements (zoo pins): requirement 'monai-ipear==0.1.0' names the bundle's own package"),
