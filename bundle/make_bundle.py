@@ -1,24 +1,37 @@
-"""Assemble the MONAI Model Zoo bundle archive from this repository, and check an archive.
+"""Assemble the MONAI Model Zoo bundle archive from this repository, and run the Model Zoo's checks on an archive.
 
 Usage (from the repository root)::
 
-    python -m bundle.make_bundle build --model models/model.pt --out dist/ipear_registration.zip
-    python -m bundle.make_bundle check dist/ipear_registration.zip
+    python -m bundle.make_bundle build --model models/model.pt --weights-url https://.../model.pt \\
+        --out dist/ipear_registration.zip
+    python -m bundle.make_bundle check dist/ipear_registration.zip [--python 3.10 3.11 3.12] [--no-resolve]
 
-``build`` zips ``configs/`` (JSON configs, ``logging.conf``, ``variants/``), ``docs/README.md``, ``LICENSE``,
-``large_files.yml`` (with the SHA-256 of the model) and ``models/model.pt`` (the TRAINED weights given with
-``--model``: a real release needs the weights of a real training run) under one top folder, then checks it
-(``--no-check`` skips that). ``check`` unpacks an archive in a temporary folder and verifies:
+``build`` packs, under one top folder ``ipear_registration/``: ``configs/`` (JSON configs, ``logging.conf``,
+``variants/``), ``docs/README.md`` and the documents it links to, ``LICENSE``, ``scripts/`` (``scripts/__init__.py``
+and the ``monai_ipear`` package source in ``scripts/monai_ipear``: the bundle needs no unpublished package) and
+``large_files.yml`` with the SHA-256 of the weights given with ``--model`` and their download address
+``--weights-url``. With a url, the weights themselves are left out (the zoo's layout: ``large_files.yml`` fetches
+them; ``--include-weights`` packs them anyway); without one they are packed, but ``check`` fails on the empty url.
+A real release needs the weights of a real training run.
 
-1. required files are present;
-2. ``metadata.json`` has the Model Zoo keys, its ``version`` is the newest ``changelog`` entry, and the
-   ``monai-ipear`` version it requires is the installed package's;
-3. ``verify_net_in_out`` passes for ``export_network_def`` (the one-tensor network, configs/export.json);
-4. the bundle's ``inference`` runs through ``python -I -m monai.bundle run`` in a fresh process whose working
-   directory is the unpacked folder (``-I``: no current directory or PYTHONPATH on ``sys.path``, so only the
-   installed ``monai_ipear`` package is used), and writes the warped image, the field and ``iterations.csv``.
+``check`` unpacks an archive in a temporary folder and runs the Model Zoo's CI checks (Project-MONAI/model-zoo
+``ci/``, re-implemented, each naming the zoo script it mirrors; those that need the bundle's code run in a fresh
+process, :mod:`bundle.zoo_checks`):
 
-Exit code 0 when every check passes, 1 otherwise (one line per failed check on stderr).
+- pre-commit hooks of the zoo (``.pre-commit-config.yaml``): JSON formatted as ``pretty-format-json --indent=4
+  --no-sort-keys`` writes it, YAML parses, no trailing whitespace, files end with one newline, no file over 1 MB
+  besides the large files, Python files start with their docstring;
+- README: the zoo template's sections (``docs/readme_template.md``) and no link to a file outside the archive;
+- requirements (``ci/get_bundle_requirements.py``): the pins the zoo installs, none naming the bundle's own
+  package, and (``--python``, default 3.10 3.11 3.12) a dry-run ``pip install`` of them for each Python version
+  against the package index (``--no-resolve`` skips that; it needs the index);
+- in the fresh process: large-file download and hash, directory, version/changelog, metadata schema
+  (``bundle/meta_schema_20240725.json``, jsonschema), ``verify_net_in_out`` and ``ckpt_export`` on
+  ``network_def``, the train / inference / evaluate workflows with their property checks (as the zoo's unit tests
+  run them), and that ``monai_ipear`` came from ``scripts/`` (any installed copy is hidden).
+
+Exit code 0 when every check passes, 1 otherwise. Each check prints ``[ok]``, ``[FAIL]`` or ``[n/a]`` (a zoo
+check that does not apply, with the reason).
 """
 
 from __future__ import annotations
@@ -26,15 +39,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 
-import fire
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE_NAME = "ipear_registration"
+SCHEMA = os.path.join(REPO, "bundle", "meta_schema_20240725.json")
+PACKAGE = "monai_ipear"
 REQUIRED_FILES = (
     "configs/metadata.json",
     "configs/train.json",
@@ -46,86 +61,274 @@ REQUIRED_FILES = (
     "docs/README.md",
     "LICENSE",
     "large_files.yml",
-    "models/model.pt",
+    "scripts/__init__.py",
+    "scripts/monai_ipear/__init__.py",
 )
-METADATA_KEYS = (
-    "schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
-    "required_packages_version", "name", "task", "description", "authors", "copyright", "data_source",
-    "data_type", "intended_use", "references", "network_data_format",
-)
+# the zoo's docs/readme_template.md: section headings (the optional ones included: we have them all)
+README_SECTIONS = ("Authors", "Tags", "Model Description", "Data", "Performance", "Additional Usage Steps",
+                   "System Configuration", "Limitations", "Citation Info", "References")
+PYTHONS = ("3.10", "3.11", "3.12")
 
 
-def _version_key(v: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in str(v).replace("-", ".").split("."))
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def _large_files_yml(sha256: str) -> str:
+def _large_files_yml(url: str, sha256: str) -> str:
     return (
         "large_files:\n"
         '  - path: "models/model.pt"\n'
-        '    url: ""  # fill in the download address of the released weights\n'
+        f'    url: "{url}"\n'
         f'    hash_val: "{sha256}"\n'
         '    hash_type: "sha256"\n'
     )
 
 
-def build(model: str | None = None, out: str = "dist/ipear_registration.zip", check: bool = True,
-          inference_args: dict | None = None) -> str:
-    """Assemble the archive ``out`` from the repository with the weights ``model``; then ``check`` it."""
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _local_links(markdown: str) -> list[str]:
+    """Targets of the Markdown links / images that are files (not web addresses, mail or in-page anchors)."""
+    out = []
+    for target in _LINK.findall(markdown):
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("#"):
+            continue
+        out.append(target.split("#", 1)[0])
+    return [t for t in out if t]
+
+
+def _docs_files() -> dict[str, str]:
+    """``docs/README.md`` and, transitively, the repository files its links point to (archive name -> path)."""
+    files, todo = {}, ["docs/README.md"]
+    while todo:
+        arc = todo.pop()
+        path = os.path.join(REPO, arc)
+        if arc in files or not os.path.isfile(path):
+            continue
+        files[arc] = path
+        if arc.endswith(".md"):
+            with open(path, encoding="utf-8") as f:
+                for t in _local_links(f.read()):
+                    todo.append(os.path.normpath(os.path.join(os.path.dirname(arc), t)).replace(os.sep, "/"))
+    return files
+
+
+def _package_files() -> dict[str, str]:
+    """The package source (``.py`` files) for ``scripts/monai_ipear``, and ``scripts/__init__.py``."""
+    files = {"scripts/__init__.py": os.path.join(REPO, "scripts", "__init__.py")}
+    for root, dirs, names in os.walk(os.path.join(REPO, PACKAGE)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for n in sorted(names):
+            if n.endswith(".py"):
+                path = os.path.join(root, n)
+                files["scripts/" + os.path.relpath(path, REPO).replace(os.sep, "/")] = path
+    return files
+
+
+def build(model: str | None = None, out: str = "dist/ipear_registration.zip", weights_url: str = "",
+          include_weights: bool | None = None, check: bool = True, python: tuple = PYTHONS,
+          resolve: bool = True) -> str:
+    """Assemble the archive ``out`` (see the module docstring); then ``check`` it unless ``check=False``."""
     if model is None or not os.path.isfile(str(model)):
         raise SystemExit(f"error: --model must name the trained weights file (got {model!r}).")
-    with open(model, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha = _sha256(str(model))
     files = {}
     for root, _, names in os.walk(os.path.join(REPO, "configs")):
         for n in sorted(names):
             if n.endswith((".json", ".conf", ".yaml")):
                 path = os.path.join(root, n)
-                files[os.path.relpath(path, REPO)] = path
-    files["docs/README.md"] = os.path.join(REPO, "docs", "README.md")
+                files[os.path.relpath(path, REPO).replace(os.sep, "/")] = path
+    files.update(_docs_files())
     files["LICENSE"] = os.path.join(REPO, "LICENSE")
-    files["models/model.pt"] = str(model)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+    files.update(_package_files())
+    pack_weights = (not weights_url) if include_weights is None else bool(include_weights)
+    if pack_weights:
+        files["models/model.pt"] = str(model)
+    os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
+    with zipfile.ZipFile(str(out), "w", compression=zipfile.ZIP_DEFLATED) as z:
         for arc, path in sorted(files.items()):
             z.write(path, f"{BUNDLE_NAME}/{arc}")
-        z.writestr(f"{BUNDLE_NAME}/large_files.yml", _large_files_yml(sha))
-    print(f"wrote {out} ({len(files) + 1} files, model sha256 {sha[:12]}...)")
+        z.writestr(f"{BUNDLE_NAME}/large_files.yml", _large_files_yml(str(weights_url or ""), sha))
+    print(f"wrote {out} ({len(files) + 1} files; weights sha256 {sha[:12]}..., "
+          f"{'packed' if pack_weights else 'not packed'}; url {weights_url or '(empty)'})")
     if check:
-        failures = check_archive(out, inference_args=inference_args)
-        if failures:
+        if check_archive(str(out), python=python, resolve=resolve):
             raise SystemExit(1)
-    return out
+    return str(out)
 
 
-def _check_metadata(meta: dict) -> list[str]:
-    import monai_ipear
+# ---------------------------------------------------------------------------------------------- offline checks
 
-    problems = [f"metadata.json lacks '{k}'" for k in METADATA_KEYS if k not in meta]
-    version, changelog = meta.get("version"), meta.get("changelog", {})
-    if version not in changelog:
-        problems.append(f"metadata version {version!r} has no changelog entry")
-    elif changelog and max(changelog, key=_version_key) != version:
-        problems.append(f"metadata version {version!r} is not the newest changelog entry ({max(changelog, key=_version_key)})")
-    required = meta.get("required_packages_version", {}).get("monai-ipear")
-    if required != monai_ipear.__version__:
-        problems.append(f"metadata requires monai-ipear {required!r} but {monai_ipear.__version__} is installed")
-    fmt = meta.get("network_data_format", {})
-    if "image" not in fmt.get("inputs", {}) or "pred" not in fmt.get("outputs", {}):
-        problems.append("network_data_format needs inputs.image and outputs.pred (verify_net_in_out)")
+
+def _pretty_json(text: str) -> str:
+    """What the zoo's ``pretty-format-json --autofix --no-sort-keys --indent=4`` hook writes for ``text``."""
+    return json.dumps(json.loads(text), indent=4) + "\n"
+
+
+def check_precommit(root: str, large: set) -> list[str]:
+    """zoo: ``.pre-commit-config.yaml`` (pre-commit-hooks: pretty-format-json, check-yaml, trailing-whitespace,
+    end-of-file-fixer, mixed-line-ending, check-added-large-files 1024 kB, check-docstring-first)."""
+    import ast
+
+    import yaml
+
+    problems = []
+    for dirpath, _, names in os.walk(root):
+        for n in sorted(names):
+            path = os.path.join(dirpath, n)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if rel in large:
+                continue
+            if os.path.getsize(path) > 1024 * 1024:
+                problems.append(f"{rel}: larger than 1024 kB (check-added-large-files); list it in large_files.yml")
+            if not n.endswith((".json", ".yml", ".yaml", ".md", ".py", ".conf", ".txt")) and n != "LICENSE":
+                continue
+            with open(path, encoding="utf-8", newline="") as f:
+                text = f.read()
+            if text and not text.endswith("\n") or text.endswith("\n\n"):
+                problems.append(f"{rel}: must end with exactly one newline (end-of-file-fixer)")
+            if re.search(r"[ \t]+\r?$", text, flags=re.MULTILINE):
+                problems.append(f"{rel}: trailing whitespace (trailing-whitespace)")
+            if "\r\n" in text and "\n" in text.replace("\r\n", ""):
+                problems.append(f"{rel}: mixed line endings (mixed-line-ending)")
+            if n.endswith(".json"):
+                try:
+                    if text != _pretty_json(text):
+                        problems.append(f"{rel}: not formatted as pretty-format-json --indent=4 --no-sort-keys")
+                except ValueError as e:
+                    problems.append(f"{rel}: invalid JSON ({e})")
+            elif n.endswith((".yml", ".yaml")):
+                try:
+                    yaml.safe_load(text)
+                except yaml.YAMLError as e:
+                    problems.append(f"{rel}: invalid YAML (check-yaml): {str(e).splitlines()[0]}")
+            elif n.endswith(".py"):
+                tree = ast.parse(text)
+                body = tree.body
+                doc_at = next((i for i, s in enumerate(body) if isinstance(s, ast.Expr)
+                               and isinstance(getattr(s, "value", None), ast.Constant) and isinstance(s.value.value, str)), None)
+                if doc_at is not None and doc_at > 0:
+                    problems.append(f"{rel}: module docstring after code (check-docstring-first)")
     return problems
 
 
-def check_archive(archive: str, inference_args: dict | None = None, run_inference: bool = True,
-                  timeout: int = 600) -> list[str]:
-    """Check an archive (see the module docstring); prints one line per check, returns the failures."""
+def check_readme(root: str) -> list[str]:
+    """zoo: ``docs/readme_template.md`` sections; links must resolve inside the archive."""
+    problems = []
+    with open(os.path.join(root, "docs", "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    headings = [re.sub(r"[*#_`]", "", ln).strip().lower() for ln in readme.splitlines() if ln.startswith("#")]
+    for section in README_SECTIONS:
+        if not any(h.startswith(section.lower()) for h in headings):
+            problems.append(f"docs/README.md lacks the '{section}' section of the zoo template")
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            if not n.endswith(".md"):
+                continue
+            path = os.path.join(dirpath, n)
+            with open(path, encoding="utf-8") as f:
+                for target in _local_links(f.read()):
+                    dest = os.path.normpath(os.path.join(dirpath, target))
+                    rel = os.path.relpath(path, root)
+                    if not dest.startswith(root + os.sep) or not os.path.exists(dest):
+                        problems.append(f"{rel}: link '{target}' points outside the archive or to a missing file")
+    return problems
+
+
+def zoo_requirements(meta: dict, allow_monai_rc: bool = True) -> list[str]:
+    """The requirement lines ``ci/get_bundle_requirements.py`` writes for this metadata (re-implemented).
+
+    The zoo's premerge sets ``ALLOW_MONAI_RC=true``: monai ``>=X rc1, <X+0.0.1``; torch, numpy and every
+    ``required_packages_version`` / ``optional_packages_version`` entry pinned with ``==``.
+    """
+    libs = []
+    if "monai_version" in meta:
+        v = str(meta["monai_version"])
+        parts = (v.split(".") + ["0", "0"])[:3]
+        nxt = ".".join(parts[:2] + [str(int(parts[2]) + 1)])
+        libs.append(f"monai>={v}rc1,<{nxt}" if allow_monai_rc else f"monai=={v}")
+    if "pytorch_version" in meta:
+        libs.append(f"torch=={meta['pytorch_version']}")
+    if "numpy_version" in meta:
+        libs.append(f"numpy=={meta['numpy_version']}")
+    for key in ("optional_packages_version", "required_packages_version"):
+        for name, version in meta.get(key, {}).items():
+            libs.append(f"{name}=={version}")
+    return libs
+
+
+def _pip_platform_args() -> list[str]:
+    tags = [f"manylinux_2_{g}_x86_64" for g in range(5, 36)] + ["manylinux2014_x86_64", "manylinux2010_x86_64",
+                                                                   "manylinux1_x86_64"]
+    return [a for t in tags for a in ("--platform", t)]
+
+
+def check_requirements(meta: dict, python: tuple = PYTHONS, resolve: bool = True,
+                       timeout: int = 600) -> tuple[list[str], list[str]]:
+    """Pins that the zoo can install: returns (problems, notes). ``resolve``: dry-run ``pip install`` of the zoo's
+    requirement lines for each Python version in ``python`` (binary wheels for manylinux x86-64, ``--pre`` as the
+    zoo's premerge); the index must be reachable."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    lines = zoo_requirements(meta)
+    problems, notes = [], []
+    for line in lines:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as e:
+            problems.append(f"requirement '{line}' is not valid: {e}")
+            continue
+        if req.name.replace("_", "-").lower() in (PACKAGE.replace("_", "-"), BUNDLE_NAME.replace("_", "-")):
+            problems.append(f"requirement '{line}' names the bundle's own package, which no index has: its code must "
+                            f"travel in scripts/")
+        if "*" in str(req.specifier):
+            problems.append(f"requirement '{line}' is not an exact pin")
+    if problems or not resolve:
+        if not resolve:
+            notes.append("resolution skipped (--no-resolve)")
+        return problems, notes
+    with tempfile.TemporaryDirectory() as tmp:
+        req_file = os.path.join(tmp, "requirements.txt")
+        with open(req_file, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        for py in python:
+            cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--pre",
+                   "--only-binary=:all:", "--python-version", str(py), *_pip_platform_args(),
+                   "--target", os.path.join(tmp, "target"), "-r", req_file]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                problems.append(f"Python {py}: pip resolution timed out after {timeout} s")
+                continue
+            if proc.returncode != 0:
+                err = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
+                problems.append(f"Python {py}: the zoo's pins do not install: {err[0] if err else proc.returncode}")
+            else:
+                notes.append(f"Python {py}: resolves")
+    return problems, notes
+
+
+# ------------------------------------------------------------------------------------------------------ runner
+
+
+def check_archive(archive: str, python: tuple = PYTHONS, resolve: bool = True, schema: str = SCHEMA,
+                  skip: tuple = (), timeout: int = 900) -> list[str]:
+    """Run every check on ``archive``; prints one line per check and returns the failures (empty: all passed).
+
+    ``skip``: names of fresh-process checks to leave out (``workflows``, ``export``; for quick tests).
+    """
     failures: list[str] = []
 
-    def report(name: str, problems: list[str]) -> None:
-        print(f"[{'ok' if not problems else 'FAIL'}] {name}")
+    def report(name: str, problems: list[str], status: str | None = None, detail: str = "") -> None:
+        status = status or ("ok" if not problems else "FAIL")
+        print(f"[{status}] {name}" + (f": {detail}" if detail else ""))
         for p in problems:
-            print(f"error: {p}", file=sys.stderr)
-        failures.extend(problems)
+            print(f"error: {name}: {p}", file=sys.stderr)
+        failures.extend(f"{name}: {p}" for p in problems)
 
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(archive) as z:
@@ -136,51 +339,86 @@ def check_archive(archive: str, inference_args: dict | None = None, run_inferenc
         report("required files", [f"missing {f}" for f in missing])
         if missing:
             return failures
+        large = set()
+        try:
+            import yaml
+
+            with open(os.path.join(root, "large_files.yml")) as f:
+                large = {item["path"] for item in (yaml.safe_load(f) or {}).get("large_files", [])}
+        except Exception:  # reported by the pre-commit check (check-yaml)
+            pass
+        report("pre-commit hooks (JSON indent 4, YAML, whitespace, end of file, size, docstrings)",
+               check_precommit(root, large))
+        report("README sections and links", check_readme(root))
         try:
             with open(os.path.join(root, "configs", "metadata.json")) as f:
                 meta = json.load(f)
-            report("metadata keys, version/changelog", _check_metadata(meta))
-        except (OSError, ValueError) as e:
-            report("metadata keys, version/changelog", [f"metadata.json unreadable: {e}"])
-        cfg = os.path.join(root, "configs")
-        try:
-            from monai.bundle import verify_net_in_out
+            problems, notes = check_requirements(meta, python=tuple(python or ()), resolve=resolve)
+            report("requirements (zoo pins)", problems, detail="; ".join(notes + zoo_requirements(meta)))
+        except ValueError as e:
+            report("requirements (zoo pins)", [f"metadata.json unreadable: {e}"])
 
-            verify_net_in_out(net_id="export_network_def", meta_file=os.path.join(cfg, "metadata.json"),
-                              config_file=[os.path.join(cfg, "inference.json"), os.path.join(cfg, "export.json")],
-                              device="cpu")
-            report("verify_net_in_out", [])
-        except Exception as e:  # report, do not stop the other checks
-            report("verify_net_in_out", [f"verify_net_in_out failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"])
-        if run_inference:
-            out_dir = os.path.join(root, "outputs")
-            cmd = [sys.executable, "-I", "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                   "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-                   "--bundle_root", "."]
-            for k, v in (inference_args or {}).items():
-                cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
-            problems = []
-            if proc.returncode != 0:
-                tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no stderr)"]
-                problems.append(f"bundle inference exited with {proc.returncode}: {tail[0]}")
+        cmd = [sys.executable, "-I", os.path.join(REPO, "bundle", "zoo_checks.py"), "--root", root,
+               "--schema", schema]
+        if skip:
+            cmd += ["--skip", *skip]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+        except subprocess.TimeoutExpired:
+            report("zoo checks in a fresh process", [f"timed out after {timeout} s"])
+            return failures
+        results = []
+        for line in proc.stdout.splitlines():
+            try:
+                results.append(json.loads(line))
+            except ValueError:
+                continue
+        for r in results:
+            if r["status"] == "n/a":
+                report(r["check"], [], status="n/a", detail=r["detail"])
             else:
-                written = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-                if "iterations.csv" not in written or not any(n.endswith("_ddf.nii.gz") for n in written) \
-                        or not any(n.endswith("_warped.nii.gz") for n in written):
-                    problems.append(f"bundle inference wrote {written}, expected warped, ddf and iterations.csv")
-            report("inference in a fresh process (python -I -m monai.bundle run)", problems)
+                report(r["check"], [r["detail"]] if r["status"] == "fail" else [], detail=r["detail"] if r["status"] == "ok" else "")
+        if proc.returncode != 0 and not any(r["status"] == "fail" for r in results):
+            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+            report("zoo checks in a fresh process", [f"exited with {proc.returncode}: {tail[0]}"])
     print("archive check: " + ("passed" if not failures else f"{len(failures)} problem(s)"))
     return failures
 
 
-def check(archive: str, inference_args: dict | None = None, run_inference: bool = True) -> None:
+def check(archive: str, python: tuple = PYTHONS, resolve: bool = True, schema: str = SCHEMA) -> None:
     """Check an archive; exit code 1 when a check fails."""
     if not os.path.isfile(str(archive)):
         raise SystemExit(f"error: archive not found: {archive}")
-    if check_archive(str(archive), inference_args=inference_args, run_inference=run_inference):
+    if check_archive(str(archive), python=python, resolve=resolve, schema=schema):
         raise SystemExit(1)
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bundle.make_bundle", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="assemble the archive (and check it)")
+    b.add_argument("--model", required=True, help="trained weights (state dict)")
+    b.add_argument("--out", default="dist/ipear_registration.zip")
+    b.add_argument("--weights-url", default="", help="download address of the weights for large_files.yml")
+    b.add_argument("--include-weights", action="store_true", default=None,
+                   help="pack models/model.pt even with --weights-url")
+    b.add_argument("--no-check", action="store_true", help="do not check the archive")
+    c = sub.add_parser("check", help="run the Model Zoo checks on an archive")
+    c.add_argument("archive")
+    c.add_argument("--schema", default=SCHEMA, help="metadata JSON schema (default: the shipped copy)")
+    for p in (b, c):
+        p.add_argument("--python", nargs="+", default=list(PYTHONS), help="Python versions the pins must install on")
+        p.add_argument("--no-resolve", action="store_true", help="skip the pip resolution (needs the package index)")
+    args = ap.parse_args(argv)
+    if args.command == "build":
+        build(model=args.model, out=args.out, weights_url=args.weights_url, include_weights=args.include_weights,
+              check=not args.no_check, python=tuple(args.python), resolve=not args.no_resolve)
+    else:
+        check(args.archive, python=tuple(args.python), resolve=not args.no_resolve, schema=args.schema)
+    return 0
+
+
 if __name__ == "__main__":
-    fire.Fire({"build": build, "check": check})
+    sys.exit(main())

@@ -33,11 +33,34 @@ _PROGRESS_STREAM = None  # the real stderr while ``main`` collects fire's messag
 _OPEN_BARS: list = []  # closed by ``main`` before an error line, so the error starts on its own line
 
 
+class _LineProgress:
+    """Progress for a stream that is not a terminal (a log file, a pipe): one plain line per finished step,
+    ``<desc>: <n>/<total> <what happened>``, instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, total: int, desc: str, stream) -> None:
+        self.total, self.desc, self.stream, self.n, self.postfix = total, desc, stream, 0, ""
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = str(text)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        print(f"{self.desc}: {self.n}/{self.total} {self.postfix}".rstrip(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, desc: str):
+    """A step counter on stderr: a tqdm line on a terminal, plain lines otherwise; ``MONAI_IPEAR_QUIET=1``: none."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, file=_PROGRESS_STREAM or sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}",
-                disable=os.environ.get("MONAI_IPEAR_QUIET", "0") == "1")
+    stream = _PROGRESS_STREAM or sys.stderr
+    quiet = os.environ.get("MONAI_IPEAR_QUIET", "0") == "1"
+    if not quiet and not (hasattr(stream, "isatty") and stream.isatty()):
+        bar = _LineProgress(total, desc, stream)
+    else:
+        bar = tqdm(total=total, desc=desc, file=stream, bar_format="{desc}: {n_fmt}/{total_fmt}{postfix}", disable=quiet)
     _OPEN_BARS.append(bar)
     return bar
 
@@ -258,7 +281,11 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="mo
     out = evaluator.state.output
     prefix = os.path.join(out_dir, name)
     written.update({"warped": f"{prefix}_warped.nii.gz", "ddf": f"{prefix}_ddf.nii.gz",
-                    "iterations_csv": os.path.join(out_dir, "iterations.csv")})
+                    "ddf_itk": f"{prefix}_ddf_itk.nii.gz", "iterations_csv": os.path.join(out_dir, "iterations.csv")})
+    if prealign == "affine":  # fixed point -> original moving point in one ITK transform: affine after the field
+        from monai_ipear.itk_fields import write_itk_composite
+
+        written["composite"] = write_itk_composite(written["affine"], written["ddf_itk"], f"{prefix}_composite.h5")
     if moving_label is not None:
         written["warped_label"] = f"{prefix}_warped_label.nii.gz"
     if "iterations" in out:
@@ -303,20 +330,27 @@ def _check_grid(img, field, what: str) -> None:
         raise RegistrationCLIError(f"{e} (the field is on the fixed image's grid)") from e
 
 
-def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
-    """Apply a saved DDF (``register``'s ``_ddf.nii.gz``) to IMAGE on the fixed grid and write OUT.
+def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel", itk_field=None) -> dict:
+    """Apply a saved field to IMAGE and write OUT on the field's (the fixed image's) grid.
+
+    The field may be ``register``'s DDF (``_ddf.nii.gz``, voxels), its ITK displacement field
+    (``_ddf_itk.nii.gz``) or its ITK composite transform (``_composite.h5``, with ``--prealign affine``); the
+    command says which form it read. With the DDF, IMAGE must be on the fixed grid (like the moving image the
+    network saw); with the ITK forms it may be on any grid (world coordinates), e.g. the original moving image.
 
     Args:
-        image: image or label map on the same grid as the moving image the field was computed for.
-        ddf: the displacement field file.
-        out: output file (written with the DDF's, i.e. the fixed image's, affine).
-        label: nearest-neighbour sampling and integer output (for label maps); default bilinear, float.
-        ddf_units: units the DDF was saved in (``voxel`` or ``mm``).
+        image: image or label map to warp.
+        ddf: the field file (DDF, ITK displacement field or ITK composite transform).
+        out: output file (written with the field's, i.e. the fixed image's, affine).
+        label: nearest-neighbour sampling and integer output (for label maps); default linear, float.
+        ddf_units: units of a DDF file (``voxel`` or ``mm``); ignored for the ITK forms.
+        itk_field: also write the ITK displacement field of a DDF file to this path (optional).
     """
     from monai.networks.blocks import Warp
 
     from monai_ipear.engines import RegistrationOutputWriter
     from monai_ipear.engines.outputs import write_label_map
+    from monai_ipear.itk_fields import apply_field, read_field, write_itk_displacement_field
 
     image = _check_file(image, "image")
     if out is None or str(out) == "":
@@ -328,25 +362,46 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel") -> str:
     except ValueError as e:
         raise RegistrationCLIError(str(e)) from e
     _refuse_overwrite(out, image, ddf)
+    if itk_field is not None:
+        _refuse_overwrite(itk_field, image, ddf)
     steps = _progress(3, f"warp {os.path.basename(image)}")
-    field, affine, field_img = _load_ddf(ddf, ddf_units)
+    ddf_path = _check_file(ddf, "ddf")
+    try:
+        form = read_field(ddf_path)
+    except Exception as e:
+        raise RegistrationCLIError(f"cannot read field file {ddf_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    steps.set_postfix_str(f"read {form.describe()}")
     img = _load(image, "image", dtype="float64" if label else "float32")  # labels exact up to 2**53
-    _check_grid(img, field_img, f"image {image}")
     steps.update()
-    if label:
-        warped = Warp(mode="nearest", padding_mode="zeros")(img.as_tensor()[None], field.double())
+    if form.kind == "monai-ddf":
+        field, affine, field_img = _load_ddf(ddf_path, ddf_units)
+        _check_grid(img, field_img, f"image {image}")
+        if label:
+            warped = Warp(mode="nearest", padding_mode="zeros")(img.as_tensor()[None], field.double())[0]
+        else:
+            warped = Warp(mode="bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)[0]
+        if itk_field is not None:
+            write_itk_displacement_field(field[0], affine, str(itk_field))
     else:
-        warped = Warp(mode="bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)
+        if itk_field is not None:
+            raise RegistrationCLIError("--itk-field converts a DDF file; the field given is already an ITK field.")
+        if len(img.shape) - 1 != len(form.spatial_shape):
+            raise RegistrationCLIError(f"image has {len(img.shape) - 1} spatial dimensions, the field {len(form.spatial_shape)}.")
+        warped = apply_field(img, img.affine, form.points, mode="nearest" if label else "bilinear")
+        affine = torch.as_tensor(form.affine)
     steps.update()
     os.makedirs(os.path.dirname(os.path.abspath(str(out))), exist_ok=True)
     if label:  # nearest integer in the smallest integer type that holds the labels
-        write_label_map(warped[0], affine, str(out))
+        write_label_map(warped, affine, str(out))
     else:
-        RegistrationOutputWriter._save(warped[0], affine, str(out))
+        RegistrationOutputWriter._save(warped.float(), affine, str(out))
     steps.set_postfix_str(f"wrote {out}")
     steps.update()
     steps.close()
-    return str(out)
+    result = {"warped": str(out), "field": form.describe()}
+    if itk_field is not None:
+        result["itk_field"] = str(itk_field)
+    return result
 
 
 def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
@@ -389,18 +444,83 @@ def jacobian(ddf=None, out=None, mask=None, ddf_units="voxel") -> dict:
 COMMANDS = {"register": register, "warp": warp, "jacobian": jacobian}
 
 
+def _prog_name() -> str:
+    """``monai-ipear`` when started by the console script, else ``python -m monai_ipear``."""
+    return "monai-ipear" if os.path.basename(sys.argv[0] or "").startswith("monai-ipear") else "python -m monai_ipear"
+
+
+def _command_help(prog: str, name: str) -> str:
+    """Help of one command from its signature and docstring (summary, then one line per option)."""
+    import inspect
+    import textwrap
+
+    func = COMMANDS[name]
+    doc = inspect.getdoc(func) or ""
+    summary, _, rest = doc.partition("\n\n")
+    described: dict[str, str] = {}
+    current = None
+    in_args = False
+    for line in rest.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if in_args and line and not line.startswith(" "):
+            in_args = False  # the Args section ended ("Returns ...")
+        if not in_args or not line.strip():
+            continue
+        head, sep, text = line.strip().partition(": ")
+        if line.startswith("    ") and not line.startswith("     ") and sep and head.isidentifier():
+            current = head
+            described[current] = text
+        elif current is not None:
+            described[current] += " " + line.strip()
+    required = {"register": ("fixed", "moving", "out_dir"), "warp": ("image", "ddf", "out"), "jacobian": ("ddf",)}[name]
+    summary = " ".join(summary.replace("``", "'").split())
+    lines = [f"usage: {prog} {name} [options]", "", textwrap.fill(summary, 100), "", "options:"]
+    for param in inspect.signature(func).parameters.values():
+        flag = "--" + param.name.replace("_", "-")
+        default = param.default
+        if isinstance(default, bool):
+            flag_text = flag
+        else:
+            flag_text = f"{flag} {param.name.upper()}"
+        text = described.get(param.name, "").replace("``", "'")
+        if param.name in required:
+            text += " (required)"
+        elif default is not None and default is not False and "default" not in text:
+            text += f" (default: {default})"
+        wrapped = textwrap.wrap(text, 72) or [""]
+        if len(flag_text) > 24:
+            lines.append(f"  {flag_text}")
+        else:
+            lines.append(f"  {flag_text:<24}{wrapped.pop(0)}")
+        lines.extend(f"  {'':<24}{w}" for w in wrapped)
+    lines.append(f"  {'-h, --help':<24}show this help and exit")
+    return "\n".join(lines)
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m monai_ipear``; returns the exit code (0, or 2 on a reported error)."""
     import fire
     from fire.core import FireExit
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = _prog_name()
+    if argv and argv[0] in ("-V", "--version"):
+        from monai_ipear import __version__
+
+        print(f"monai-ipear {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: python -m monai_ipear {register,warp,jacobian} [--help] [args]\n"
+        print(f"usage: {prog} {{register,warp,jacobian}} [--help] [args]   |   {prog} --version\n"
               "  register --fixed F --moving M --out-dir D [--moving-label L] [--model models/model.pt] "
               "[--prealign affine] [--config C] [--device cpu] [--ddf-units voxel|mm]\n"
-              "  warp     --image I --ddf D --out O [--label] [--ddf-units voxel|mm]\n"
-              "  jacobian --ddf D [--out O] [--mask M] [--ddf-units voxel|mm]")
+              "  warp     --image I --ddf D --out O [--label] [--ddf-units voxel|mm] [--itk-field F]\n"
+              "  jacobian --ddf D [--out O] [--mask M] [--ddf-units voxel|mm]\n"
+              f"{prog} COMMAND --help describes a command.")
+        return 0
+    if argv[0] in COMMANDS and any(a in ("-h", "--help") for a in argv[1:]):
+        print(_command_help(prog, argv[0]))
         return 0
     if argv[0] not in COMMANDS:
         print(f"error: unknown command '{argv[0]}'; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
@@ -434,7 +554,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             return 0
         lines = [ln for ln in fire_err.getvalue().splitlines() if ln.startswith("ERROR:")]
         msg = lines[0][len("ERROR:"):].strip() if lines else "invalid arguments"
-        print(f"error: {msg} (see python -m monai_ipear --help)", file=sys.stderr)
+        print(f"error: {msg} (see {prog} {argv[0]} --help)", file=sys.stderr)
         return 2
     except Exception as e:  # one clear line instead of a traceback
         for bar in _OPEN_BARS:

@@ -30,37 +30,77 @@ __all__ = ["ExportableRegistrationNet", "export_torchscript", "export_program", 
 class ExportableRegistrationNet(nn.Module):
     """``ddf = net(x)`` with ``x = cat([moving, fixed], dim=1)``: the one-tensor form MONAI's bundle tools use.
 
+    The bundle's ``network_def`` is this wrapper around the package's two-argument network (``iterations=None``:
+    the network keeps its controller, e.g. TCI), so the Model Zoo's ``verify_net_in_out`` can call it with one
+    2-channel tensor as ``mednist_reg`` does; ``export_network_def`` (configs/export.json) wraps it again with a
+    FIXED number of updates per level for graph export. The package's own API stays ``network(moving, fixed)``:
+    the wrapper also accepts that call (the training and evaluation iterations use it).
+
     Args:
-        network: a registration network ``ddf = network(moving, fixed)`` (e.g. ``iPEAR``); it is copied, the
-            original keeps its controller.
+        network: a registration network ``ddf = network(moving, fixed)`` (e.g. ``iPEAR``), or another
+            ``ExportableRegistrationNet`` (its network is used). With ``iterations`` it is copied (the original
+            keeps its controller); without, it is wrapped as is.
         iterations: updates per pyramid level at inference (``FixedIterations(iterations)``; 1 =
-            ``SinglePass``); ``None`` keeps the network's own controller (data-dependent: not exportable).
+            ``SinglePass``); ``None`` keeps the network's own controller (data-dependent: runs eagerly, and
+            tracing it raises, since a traced graph would freeze the iteration counts of the example).
         in_channels: channels of ONE image (default ``network.in_channels`` or 1).
 
     ``forward(x)``: ``(B, 2 * in_channels, *spatial)`` -> DDF ``(B, spatial_dims, *spatial)`` in voxels (pull
-    convention), in eval mode. ``state_dict`` / ``load_state_dict`` are the wrapped network's, so the bundle's
-    ``models/model.pt`` loads directly (``ckpt_export``, ``CheckpointLoader``).
+    convention); ``forward(moving, fixed)`` is the same with the two images. ``state_dict`` / ``load_state_dict``
+    use the wrapped network's keys (no ``network.`` prefix, also inside a larger module such as
+    ``DistributedDataParallel``), so the bundle's ``models/model.pt`` and the package network's state dicts are
+    interchangeable. ``last_iterations`` is the wrapped network's.
     """
 
     def __init__(self, network: nn.Module, iterations: int | None = 3, in_channels: int | None = None) -> None:
         super().__init__()
-        self.network = copy.deepcopy(network)
-        if iterations is not None and hasattr(self.network, "controller"):
-            self.network.controller = SinglePass() if int(iterations) == 1 else FixedIterations(int(iterations))
+        if isinstance(network, ExportableRegistrationNet):
+            network = network.network
+        if iterations is not None:
+            network = copy.deepcopy(network)
+            if hasattr(network, "controller"):
+                network.controller = SinglePass() if int(iterations) == 1 else FixedIterations(int(iterations))
+        self.network = network
         self.in_channels = int(in_channels or getattr(network, "in_channels", 1))
         self.iterations = iterations
+        # state dicts without the "network." level (nn.Module's hooks, so they also apply when nested)
+        self._register_state_dict_hook(_drop_network_prefix)
+        self._register_load_state_dict_pre_hook(_add_network_prefix)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_iterations(self):
+        return getattr(self.network, "last_iterations", None)
+
+    def _data_dependent(self) -> bool:
+        controller = getattr(self.network, "controller", None)
+        return self.iterations is None and controller is not None and not isinstance(
+            controller, (SinglePass, FixedIterations))
+
+    def forward(self, x: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        if fixed is not None:
+            return self.network(x, fixed)
         if x.ndim < 3 or x.shape[1] != 2 * self.in_channels:
             raise ValueError(
                 f"expected (B, {2 * self.in_channels}, *spatial) with moving then fixed as channels, got {tuple(x.shape)}.")
+        if torch.jit.is_tracing() and self._data_dependent():
+            raise RuntimeError(
+                f"{type(self.network.controller).__name__} decides the number of updates from the data; a traced graph "
+                "would freeze the counts of the example input. Export 'export_network_def' (configs/export.json, "
+                "fixed updates per level) instead of 'network_def'.")
         return self.network(x[:, : self.in_channels], x[:, self.in_channels :])
 
-    def state_dict(self, *args, **kwargs):
-        return self.network.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+def _drop_network_prefix(module, state_dict, prefix, local_metadata):
+    inner = prefix + "network."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _add_network_prefix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    inner = prefix + "network."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
 def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,8 +53,8 @@ def pair(tmp_path_factory):
 
 def test_register_writes_the_bundle_inference_files(pair):
     root, files, out = pair
-    assert sorted(os.listdir(out)) == ["iterations.csv", "mov_to_fix_ddf.nii.gz", "mov_to_fix_warped.nii.gz",
-                                       "mov_to_fix_warped_label.nii.gz"]
+    assert sorted(os.listdir(out)) == ["iterations.csv", "mov_to_fix_ddf.nii.gz", "mov_to_fix_ddf_itk.nii.gz",
+                                       "mov_to_fix_warped.nii.gz", "mov_to_fix_warped_label.nii.gz"]
     # the same pair through the bundle's inference workflow (datalist with one explicit pair)
     datalist = {"validation": [{"image": str(files["moving"]), "label": str(files["label"])},
                                {"image": str(files["fixed"]), "label": str(files["fixed_label"])}],
@@ -64,7 +64,7 @@ def test_register_writes_the_bundle_inference_files(pair):
     run(config_file=os.path.join(CONFIGS, "inference.json"), bundle_root=str(root), datalist=str(root / "dataset.json"),
         ckpt_path=str(files["model"]), output_dir=str(bundle_out), device="cpu",
         meta_file=os.path.join(CONFIGS, "metadata.json"), logging_file=os.path.join(CONFIGS, "logging.conf"))
-    for suffix in ("ddf", "warped", "warped_label"):
+    for suffix in ("ddf", "ddf_itk", "warped", "warped_label"):
         a = nib.load(str(out / f"mov_to_fix_{suffix}.nii.gz"))
         b = nib.load(str(bundle_out / f"mov_to_fix_{suffix}.nii.gz"))
         assert np.allclose(a.affine, AFFINE, atol=1e-5) and np.allclose(b.affine, AFFINE, atol=1e-5)

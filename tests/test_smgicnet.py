@@ -222,8 +222,8 @@ def test_smgicnet_variant_config():
     assert parser.get_parsed_content("max_epochs") == 20
     levelwise = parser.get_parsed_content("levelwise")
     assert isinstance(levelwise, LevelwiseTraining) and levelwise.epochs == [4, 4, 6, 6]
-    assert any(isinstance(h, LevelwiseTraining) for h in parser.get_parsed_content("train#handlers"))
-    assert parser.get_parsed_content("train#handlers")[-1] is levelwise
+    assert parser.get_parsed_content("extra_train_handlers")[-1] is levelwise
+    assert "@extra_train_handlers" in parser["train"]["trainer"]["train_handlers"]  # reaches the trainer
 
 
 def test_smgicnet_velocity_increment_bound():

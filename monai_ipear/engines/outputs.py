@@ -109,7 +109,9 @@ def refuse_overwrite(path: str, inputs: set[str]) -> None:
 
 
 class RegistrationOutputWriter:
-    """Writes, per pair, ``<pair>_warped.nii.gz``, ``<pair>_ddf.nii.gz`` and (with a moving label)
+    """Writes, per pair, ``<pair>_warped.nii.gz``, ``<pair>_ddf.nii.gz``, ``<pair>_ddf_itk.nii.gz`` (the same
+    field for ITK, SimpleITK and ANTs: 5D vector NIfTI, intent 1007, LPS millimetres; see
+    :mod:`monai_ipear.itk_fields`) and (with a moving label)
     ``<pair>_warped_label.nii.gz`` on the fixed image's grid with its affine, and after the run
     ``iterations.csv`` (pair, then the updates kept per pyramid level, level 1 = full resolution first).
 
@@ -121,6 +123,7 @@ class RegistrationOutputWriter:
             (millimetres along the world axes of the fixed image's affine).
         fixed_key: batch key of the fixed image (its affine is the outputs' affine).
         iterations_file: name of the iterations table (``None``: not written).
+        itk_field: also write ``<pair>_ddf_itk.nii.gz`` (default ``True``).
 
     The DDF file holds one component per axis in its last dimension: ``(H, W, D, 3)`` (``(H, W, 2)`` in 2D).
     """
@@ -131,6 +134,7 @@ class RegistrationOutputWriter:
         ddf_units: str = "voxel",
         fixed_key: str = "fixed_image",
         iterations_file: str | None = "iterations.csv",
+        itk_field: bool = True,
     ) -> None:
         if ddf_units not in ("voxel", "mm"):
             raise ValueError(f"ddf_units must be 'voxel' or 'mm', got '{ddf_units}'.")
@@ -138,6 +142,7 @@ class RegistrationOutputWriter:
         self.ddf_units = ddf_units
         self.fixed_key = fixed_key
         self.iterations_file = iterations_file
+        self.itk_field = bool(itk_field)
         self.rows: list[list] = []
         self.count = 0
         self.names: set[str] = set()  # output names written in this run: a second pair of the same name is refused
@@ -173,11 +178,15 @@ class RegistrationOutputWriter:
                     "files. Give the pairs unique 'pair' names (load_registration_pairs adds the parent folder when "
                     "file names collide).")
             self.names.add(names[b])
-            for suffix in ("warped", "ddf", "warped_label"):
+            for suffix in ("warped", "ddf", "ddf_itk", "warped_label"):
                 refuse_overwrite(f"{prefix}_{suffix}.nii.gz", inputs)
             field = ddf[b] if self.ddf_units == "voxel" else ddf_to_mm(ddf[b], affines[b])
             self._save(out["warped_image"][b], affines[b], f"{prefix}_warped.nii.gz")
             self._save(field, affines[b], f"{prefix}_ddf.nii.gz")
+            if self.itk_field:
+                from ..itk_fields import write_itk_displacement_field
+
+                write_itk_displacement_field(ddf[b], affines[b], f"{prefix}_ddf_itk.nii.gz")
             if "warped_label" in out:
                 write_label_map(out["warped_label"][b], affines[b], f"{prefix}_warped_label.nii.gz")
             iters = out.get("iterations")
