@@ -104,8 +104,10 @@ class RegistrationOutputWriter:
     def _save(array: torch.Tensor, affine: torch.Tensor, path: str, dtype=np.float32) -> None:
         writer = NibabelWriter(output_dtype=dtype)
         writer.set_data_array(array.detach().cpu(), channel_dim=0)
-        # the affine is already the fixed image's (RAS for NIfTI): no resampling, no LPS->RAS flip
-        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+        # the affine is already the fixed image's (RAS for NIfTI): no resampling, no LPS->RAS flip. Set directly:
+        # MONAI 1.6's set_metadata(resample=False) still resamples, treats a single-channel volume as 2D and fails
+        # for affines that permute axes (sagittal storage)
+        writer.affine = torch.as_tensor(affine).detach().cpu().double()
         writer.write(path, verbose=False)
 
     def __call__(self, engine) -> None:
