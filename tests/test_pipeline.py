@@ -330,3 +330,45 @@ def test_register_cli_uses_the_packaged_model_and_bundle_runs_the_same_pipeline(
     # masks only with the packaged model; unknown --prealign refused
     assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--prealign", "rigid",
                  "--out-dir", str(out)]) == 2
+
+
+@needs_elastix
+def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
+    from monai_ipear.studies.pretrained_comparison import comparison_main, format_comparison, run_comparison
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    shape = (40, 36, 42)
+    for k, a_true in enumerate([np.eye(4), rotation(4, -3, 5, 1.03, (3, -2, 2)), rotation(-5, 2, -4, 0.97, (-3, 2, -1))]):
+        a = make_affine("sagittal", (2.0, 2.0, 2.0), shape, centre=(2.0 * k, -3.0, 1.0))
+        x = inverse_map(world_points(a, shape), a_true, 0.0)
+        val, mask = brain(x)
+        lab = mask * (1 + (x[0] > CENTRE[0]) + 2 * (x[1] > CENTRE[1]) + 4 * (val > 70))
+        nib.save(nib.Nifti1Image((2.0 * val).astype(np.float32), a), str(tmp_path / "images" / f"s{k}_T1.nii.gz"))
+        nib.save(nib.Nifti1Image(lab.astype(np.int16), a), str(tmp_path / "labels" / f"s{k}_label.nii.gz"))
+    subjects = [{"image": str(tmp_path / "images" / f"s{k}_T1.nii.gz"), "label": str(tmp_path / "labels" / f"s{k}_label.nii.gz")}
+                for k in range(3)]
+    # the learned part is a zero field here (the placeholder weights are random and slow to iterate)
+    pipe = RegistrationPipeline(network=ZeroField(), device="cpu")
+    result = run_comparison(subjects, pipeline=pipe, elastix_iterations=16, max_pairs=2, log=lambda *_: None)
+    text = format_comparison(result, "cmd")
+    assert set(result["rows"]) == {"register", "elastix-affine", "elastix-bspline"} and len(result["pairs"]) == 2
+    for m in ("register", "elastix-affine", "elastix-bspline"):
+        assert len(result["rows"][m]) == 2
+        for r in result["rows"][m]:
+            assert 0.0 <= r["dice"] <= 1.0 and r["time_s"] > 0 and 0.0 <= r["folding_pct"] <= 100.0 and r["labels"] >= 4
+    # affine registration of these affinely related subjects overlaps the labels well, through both code paths
+    for m in ("register", "elastix-affine"):
+        assert statistics_mean([r["dice"] for r in result["rows"][m]]) > 0.75, m
+    assert "| elastix affine + B-spline |" in text and "time / register" in text
+    assert "ANTs SyN: " in text  # used, or skipped with the reason
+    # the command: subject discovery, Markdown and JSON outputs
+    out = tmp_path / "cmp.md"
+    res = comparison_main(["--data-dir", str(tmp_path), "--last", "2", "--methods", "elastix-affine", "--max-pairs", "1",
+                           "--elastix-iterations", "8", "--out", str(out)])
+    assert res["pairs"] == ["s2_T1_to_s1_T1"] and "| elastix affine |" in out.read_text()
+    assert json.loads((tmp_path / "cmp.json").read_text())["pairs"] == res["pairs"]
+
+
+def statistics_mean(values):
+    return float(np.mean(values))
