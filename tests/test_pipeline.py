@@ -350,11 +350,11 @@ def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
                 for k in range(3)]
     # the learned part is a zero field here (the placeholder weights are random and slow to iterate)
     pipe = RegistrationPipeline(network=ZeroField(), device="cpu")
-    result = run_comparison(subjects, pipeline=pipe, elastix_iterations=16, max_pairs=2, log=lambda *_: None)
+    result = run_comparison(subjects, pipeline=pipe, elastix_iterations=16, max_pairs=1, log=lambda *_: None)
     text = format_comparison(result, "cmd")
-    assert set(result["rows"]) == {"register", "elastix-affine", "elastix-bspline"} and len(result["pairs"]) == 2
+    assert set(result["rows"]) == {"register", "elastix-affine", "elastix-bspline"} and len(result["pairs"]) == 1
     for m in ("register", "elastix-affine", "elastix-bspline"):
-        assert len(result["rows"][m]) == 2
+        assert len(result["rows"][m]) == 1
         for r in result["rows"][m]:
             assert 0.0 <= r["dice"] <= 1.0 and r["time_s"] > 0 and 0.0 <= r["folding_pct"] <= 100.0 and r["labels"] >= 4
     # affine registration of these affinely related subjects overlaps the labels well, through both code paths
