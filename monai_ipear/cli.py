@@ -197,25 +197,45 @@ def affine_prealign(fixed: str, moving: str, out_prefix: str, moving_label: str 
     return out
 
 
-def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="models/model.pt",
-             prealign=None, config=None, device=None, ddf_units="voxel") -> dict:
-    """Register MOVING onto FIXED and write the bundle inference files into OUT_DIR.
+def register(fixed=None, moving=None, out_dir=None, moving_label=None, model=None,
+             prealign=None, config=None, device=None, ddf_units="voxel", fixed_mask=None, moving_mask=None) -> dict:
+    """Register MOVING onto FIXED and write the warped image, the field and the warped labels into OUT_DIR.
+
+    Without ``--model`` (or with a file in the packaged-model format) this is the whole pipeline
+    (:class:`monai_ipear.pipeline.RegistrationPipeline`, the same as the bundle's ``register`` run): the packaged
+    iPEAR trained on IXI T1 brains at 2 mm. It expects SKULL-STRIPPED T1 brains: give ``--fixed-mask`` and
+    ``--moving-mask`` for full-head scans. Any storage order and spacing; affine pre-alignment by default
+    (elastix; ``--prealign none`` for pairs already aligned in scanner coordinates); outputs on the fixed
+    image's own grid and affine: ``<moving>_to_<fixed>_warped.nii.gz`` (moving intensities in their original
+    units), ``_ddf.nii.gz`` (ONE field composing the affine and the deformable parts), ``_warped_label.nii.gz``
+    and ``_summary.json``; a one-line summary is printed.
+
+    With ``--model`` a bundle-trained state dict: the images must share one grid (or ``--prealign affine``,
+    plain ITK), intensities are min-max scaled, and the bundle inference files are written.
 
     Args:
         fixed: fixed image (NIfTI or any format ITK reads).
-        moving: moving image, on the fixed image's grid unless ``--prealign affine``.
+        moving: moving image.
         out_dir: output folder (created).
         moving_label: optional label map of the moving image, warped with nearest-neighbour sampling.
-        model: trained weights (a state dict such as the bundle's ``models/model.pt``, or a training
-            checkpoint with a ``model`` entry).
-        prealign: ``affine`` for ITK affine pre-alignment (resampling onto the fixed grid); default none.
-        config: bundle config file(s) (comma-separated) whose ``network_def`` the model was trained with;
+        model: default: the packaged pretrained model; else a pretrained-format file, or trained weights (a
+            state dict such as the bundle's ``models/model.pt``, or a training checkpoint with a ``model`` entry).
+        prealign: packaged model: ``affine`` (default) or ``none``; bundle weights: ``affine`` or none (default).
+        config: bundle config file(s) (comma-separated) whose ``network_def`` bundle weights were trained with;
             default ``iPEAR`` with the image's number of spatial dimensions.
         device: e.g. ``cpu`` or ``cuda:0`` (default: the GPU when present).
         ddf_units: ``voxel`` (default) or ``mm``, as in the bundle's ``ddf_units``.
+        fixed_mask, moving_mask: brain masks (nonzero = brain) on the images' grids (packaged model only).
 
     Returns a dict of the written paths and the TCI iterations per level (printed on stdout).
     """
+    from monai_ipear.pretrained import is_pretrained_file
+
+    if model is None or (os.path.isfile(str(model)) and is_pretrained_file(str(model))):
+        return _register_pipeline(fixed, moving, out_dir, moving_label, model, prealign, config, device, ddf_units,
+                                  fixed_mask, moving_mask)
+    if fixed_mask is not None or moving_mask is not None:
+        raise RegistrationCLIError("--fixed-mask/--moving-mask work with the packaged (pretrained-format) model only.")
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator
 
@@ -296,6 +316,50 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model="mo
     return written
 
 
+def _register_pipeline(fixed, moving, out_dir, moving_label, model, prealign, config, device, ddf_units,
+                       fixed_mask, moving_mask) -> dict:
+    """``register`` with a pretrained-format model: :meth:`RegistrationPipeline.run_files`' work, CLI errors."""
+    from monai_ipear.data import pair_name
+    from monai_ipear.pipeline import PREALIGN_CHOICES, RegistrationPipeline
+    from monai_ipear.pretrained import PretrainedModelError
+
+    fixed, moving = _check_file(fixed, "fixed"), _check_file(moving, "moving")
+    if out_dir is None or str(out_dir) == "":
+        raise RegistrationCLIError("--out-dir is required.")
+    if config is not None:
+        raise RegistrationCLIError("--config applies to bundle weights (--model); the packaged model carries its own.")
+    prealign = "affine" if prealign is None else str(prealign)
+    if prealign not in PREALIGN_CHOICES:
+        raise RegistrationCLIError(f"--prealign must be 'affine' or 'none', got '{prealign}'.")
+    if ddf_units not in ("voxel", "mm"):
+        raise RegistrationCLIError(f"--ddf-units must be 'voxel' or 'mm', got '{ddf_units}'.")
+    extra = {"moving_label": moving_label, "fixed_mask": fixed_mask, "moving_mask": moving_mask}
+    for k, v in extra.items():
+        if v is not None:
+            extra[k] = _check_file(v, k.replace("_", "-"))
+    dev = _device(device)
+    name = pair_name(moving, fixed)
+    for suffix in ("warped.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "summary.json"):
+        _refuse_overwrite(os.path.join(str(out_dir), f"{name}_{suffix}"), fixed, moving, *extra.values())
+    steps = _progress(3, f"register {name}")
+    images = {"fixed": _load(fixed, "fixed"), "moving": _load(moving, "moving")}
+    images.update({k: _load(v, k.replace("_", "-")) for k, v in extra.items() if v is not None})
+    try:
+        pipeline = RegistrationPipeline(model=model, prealign=prealign, device=dev)
+    except PretrainedModelError as e:
+        raise RegistrationCLIError(str(e)) from e
+    steps.set_postfix_str(f"inputs read, model on {dev}")
+    steps.update()
+    written = pipeline.run_files(images["fixed"], images["moving"], str(out_dir), images.get("fixed_mask"),
+                                 images.get("moving_mask"), images.get("moving_label"), ddf_units, name=name)
+    steps.set_postfix_str("registered")
+    steps.update()
+    steps.set_postfix_str(f"outputs written to {out_dir}")
+    steps.update()
+    steps.close()
+    return written
+
+
 def _load_ddf(ddf: str, ddf_units: str):
     """A saved DDF ``(*spatial, spatial_dims)`` NIfTI -> ``(1, spatial_dims, *spatial)`` voxel tensor, affine."""
     from monai_ipear.engines import ddf_to_mm
@@ -339,10 +403,11 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel", itk_fie
     network saw); with the ITK forms it may be on any grid (world coordinates), e.g. the original moving image.
 
     Args:
-        image: image or label map to warp.
+        image: image or label map of the moving subject: on the fixed grid (MONAI ``Warp``), or on any other grid
+            placed by its affine (e.g. the raw moving scan: sampled at ``A_image^-1 A_fixed (x + ddf(x))``).
         ddf: the field file (DDF, ITK displacement field or ITK composite transform).
-        out: output file (written with the field's, i.e. the fixed image's, affine).
-        label: nearest-neighbour sampling and integer output (for label maps); default linear, float.
+        out: output file (written with the DDF's, i.e. the fixed image's, affine).
+        label: nearest-neighbour sampling and integer output (for label maps); default bilinear, float.
         ddf_units: units of a DDF file (``voxel`` or ``mm``); ignored for the ITK forms.
         itk_field: also write the ITK displacement field of a DDF file to this path (optional).
     """
@@ -375,11 +440,16 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel", itk_fie
     steps.update()
     if form.kind == "monai-ddf":
         field, affine, field_img = _load_ddf(ddf_path, ddf_units)
-        _check_grid(img, field_img, f"image {image}")
-        if label:
+        same_grid = tuple(img.shape[1:]) == tuple(field.shape[2:]) and torch.allclose(
+            img.affine.double(), affine, rtol=0.0, atol=1e-3)
+        if same_grid and label:
             warped = Warp(mode="nearest", padding_mode="zeros")(img.as_tensor()[None], field.double())[0]
-        else:
+        elif same_grid:
             warped = Warp(mode="bilinear", padding_mode="zeros")(img.as_tensor().float()[None], field)[0]
+        else:  # an image on another grid (e.g. the raw moving scan of the pipeline): sampled at A_img^-1 A_F (x + ddf)
+            from monai_ipear.pipeline import warp_to_fixed
+
+            warped = warp_to_fixed(img, field[0], affine, mode="nearest" if label else "bilinear")
         if itk_field is not None:
             write_itk_displacement_field(field[0], affine, str(itk_field))
     else:
@@ -513,8 +583,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(f"usage: {prog} {{register,warp,jacobian}} [--help] [args]   |   {prog} --version\n"
-              "  register --fixed F --moving M --out-dir D [--moving-label L] [--model models/model.pt] "
-              "[--prealign affine] [--config C] [--device cpu] [--ddf-units voxel|mm]\n"
+              "  register --fixed F --moving M --out-dir D [--fixed-mask FM --moving-mask MM] [--moving-label L] "
+              "[--prealign affine|none] [--device cpu] [--ddf-units voxel|mm]\n"
+              "           (packaged IXI T1 model; skull-stripped brains or masks) or with bundle weights:\n"
+              "           [--model models/model.pt] [--prealign affine] [--config C]\n"
               "  warp     --image I --ddf D --out O [--label] [--ddf-units voxel|mm] [--itk-field F]\n"
               "  jacobian --ddf D [--out O] [--mask M] [--ddf-units voxel|mm]\n"
               f"{prog} COMMAND --help describes a command.")

@@ -95,7 +95,7 @@ def test_large_label_values_survive_register_and_warp(tmp_path):
 # ---------------------------------------------------------------- R2-2 warp onto another grid
 
 
-def test_warp_and_jacobian_refuse_an_image_on_another_grid(tmp_path, capsys):
+def test_warp_resamples_an_image_on_another_grid_and_jacobian_refuses_a_mask_there(tmp_path, capsys):
     rng = np.random.default_rng(1)
     img = rng.random((SIZE,) * 3).astype(np.float32)
     ddf = _save(np.zeros((SIZE,) * 3 + (3,), np.float32), tmp_path / "ddf.nii.gz")
@@ -103,9 +103,12 @@ def test_warp_and_jacobian_refuse_an_image_on_another_grid(tmp_path, capsys):
     flipped[0, 0], flipped[0, 3] = -flipped[0, 0], 18.0  # same shape, x axis flipped
     other = _save(img, tmp_path / "flipped.nii.gz", flipped)
     capsys.readouterr()
-    assert main(["warp", "--image", other, "--ddf", ddf, "--out", str(tmp_path / "w.nii.gz")]) == 2
-    assert "different affines" in _errors(capsys)[0]
-    assert not (tmp_path / "w.nii.gz").exists()
+    # the image is placed by its own affine (the pipeline's raw moving scan): with a zero field the output is the
+    # image in the field's frame, i.e. flipped along x (world x = 18 - 1.2 i = 1.2 (15 - i)), not the raw array
+    assert main(["warp", "--image", other, "--ddf", ddf, "--out", str(tmp_path / "w.nii.gz")]) == 0
+    out = nib.load(tmp_path / "w.nii.gz")
+    assert np.allclose(out.affine, AXIAL)
+    assert np.allclose(np.asarray(out.dataobj), img[::-1], atol=1e-5)
     mask = _save((img > 0.5).astype(np.uint8), tmp_path / "mask.nii.gz", flipped)
     assert main(["jacobian", "--ddf", ddf, "--mask", mask]) == 2
     assert "different affines" in _errors(capsys)[0]

@@ -1,0 +1,3 @@
+from . import export_main
+
+export_main()
