@@ -75,14 +75,25 @@ class ConvGELUBlock(nn.Module):
 class NABlock(nn.Module):
     """Neighborhood-attention block ``x + NA(LayerNorm(x))`` on a channels-first map (LayerNorm over channels, no MLP)."""
 
-    def __init__(self, spatial_dims: int, channels: int, num_heads: int, kernel_size: int = 3, use_natten: bool = False):
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        num_heads: int,
+        kernel_size: int = 3,
+        use_natten: bool = False,
+        implementation: str = "shifted",
+    ):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
-        self.attn = NeighborhoodAttention(spatial_dims, channels, num_heads, kernel_size, use_natten=use_natten)
+        self.attn = NeighborhoodAttention(
+            spatial_dims, channels, num_heads, kernel_size, use_natten=use_natten, implementation=implementation
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.movedim(1, -1)
-        return x + self.attn(self.norm(y)).movedim(-1, 1)
+        # the fast attention works channels-first (LayerNorm folded into the projections); the reference path
+        # moves channels last
+        return x + self.attn.forward_channels_first(x, self.norm)
 
 
 class NAEncoder(FeaturePyramidEncoder):
