@@ -32,6 +32,9 @@ DISPLAY = {
     "ipear": "iPEAR (TCI)", "ipear-fixed3": "iPEAR, fixed 3 iterations", "rpnet": "RP-Net (single pass)",
     "iirpnet": "IIRP-Net (RP-Net + IterStop)", "voxelmorph": "MONAI VoxelMorph", "elastix-affine": "affine only (elastix)",
     "elastix-bspline": "elastix affine + B-spline", "ants-syn": "ANTs SyN",
+    "ipear-fixed-at-tci": "iPEAR, fixed at TCI's update counts",
+    "encoder:ipear": "encoder of iPEAR (NA), stacked pair", "encoder:rpnet": "encoder of RP-Net (conv), stacked pair",
+    "train:ipear": "training step of iPEAR (forward + backward)", "train:rpnet": "training step of RP-Net (forward + backward)",
 }
 
 
@@ -123,7 +126,7 @@ def build_method(
             net = make_network(arch, spatial_dims)
             note = "random weights (untrained)"
             if w is not None:
-                net.load_state_dict(torch.load(w, map_location="cpu", weights_only=True))
+                _load_weights(net, arch, w)
                 note = ""
         if name == "ipear-fixed3":
             net = _shallow_with_controller(net, FixedIterations(3))
@@ -158,6 +161,32 @@ def build_method(
 
         return BenchmarkMethod(name, register, note="antspyx SyN defaults, timed once per pair", timed_once=True)
     raise ValueError(f"unknown method {name!r}; choose from {METHOD_NAMES}")
+
+
+def _load_weights(net: torch.nn.Module, arch: str, path: str) -> None:
+    """A ``state_dict`` file, a training checkpoint holding one (``network``/``model``/``state_dict`` key), or for
+    ``rpnet`` the published IIRP-Net checkpoint (converted by :func:`~monai_ipear.networks.nets.convert_iirp_state_dict`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the published IIRP-Net file stores a Python config dict
+        state = None
+    if isinstance(state, dict):
+        for key in ("network", "model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if state is not None:
+        try:
+            net.load_state_dict(state)
+            return
+        except RuntimeError:
+            if arch != "rpnet":
+                raise
+    if arch != "rpnet":
+        raise ValueError(f"could not load weights for {arch} from {path}")
+    from ..networks.nets import load_iirp_checkpoint
+
+    net.load_state_dict(load_iirp_checkpoint(path).state_dict())
 
 
 def _shallow_with_controller(net: torch.nn.Module, controller) -> torch.nn.Module:
