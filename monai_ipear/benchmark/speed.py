@@ -95,6 +95,7 @@ def speed_study(
     train_steps: Sequence[str] = (),
     fixed_at_tci: bool = False,
     memory: bool = True,
+    train_sizes: Sequence[Sequence[int]] | None = None,
     log=print,
 ) -> list[dict]:
     """Time every network on one real pair resized (trilinear, :class:`monai.transforms.Resize`) to each size.
@@ -114,6 +115,7 @@ def speed_study(
             also timed (row ``train:<name>``).
         fixed_at_tci: add ``<reference>-fixed-at-tci``: the reference network with, per level, as many fixed updates
             as its controller made in the warm-up call (batch 1: the same decoder passes without the control).
+        train_sizes: the sizes at which the training steps are timed (default: every size).
         memory: measure each row's peak memory in a fresh process (CPU: peak resident set size of that process,
             ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``).
 
@@ -137,14 +139,16 @@ def speed_study(
                     entries.append((name, net, _Call(net, amp, device)))
                 for name in encoders:
                     entries.append((f"encoder:{name}", networks[name], _EncoderCall(networks[name], amp, device)))
-                for name in train_steps:
+                for name in train_steps if train_sizes is None or list(size) in [list(t) for t in train_sizes] else ():
                     entries.append((f"train:{name}", networks[name], _TrainCall(networks[name], amp, device)))
                 outputs: dict[str, object] = {}
+                counts = None
                 for _ in range(max(1, warmup)):
                     for name, _net, call in entries:
                         outputs[name] = call(mb, fb)
-                if fixed_at_tci and reference in networks:
-                    counts = networks[reference].last_iterations[0].tolist()
+                        if name == reference and getattr(_net, "last_iterations", None) is not None:
+                            counts = _net.last_iterations[0].tolist()  # before a training step resets them
+                if fixed_at_tci and counts is not None:
                     name = f"{reference}-fixed-at-tci"
                     clone = fixed_at_counts(networks[reference], counts)
                     call = _Call(clone, amp, device)
