@@ -1,6 +1,6 @@
 """The registration methods the benchmark compares, behind one call: ``ddf = method.register(moving, fixed)``.
 
-Learned methods (``ipear``, ``ipear-fixed3``, ``rpnet``, ``iirpnet``, ``voxelmorph``) are networks of this
+Learned methods (``ipear``, ``ipear-fixed3``, ``ipear-single``, ``rpnet``, ``rpnet-fixed3``, ``iirpnet``, ``voxelmorph``) are networks of this
 package or MONAI's :class:`~monai.networks.nets.VoxelMorph`; ``iirpnet`` is RP-Net's weights under IterStop
 (IIRP-Net is RP-Net with iterative inference) and ``ipear-fixed3`` iPEAR's weights with 3 updates per level.
 Classical baselines: ``elastix-affine`` (affine only) and ``elastix-bspline`` (optional extra ``prealign``),
@@ -16,7 +16,7 @@ import torch
 from monai.networks.nets import VoxelMorph
 from monai.utils import optional_import
 
-from ..controllers import FixedIterations, IterStop
+from ..controllers import FixedIterations, IterStop, SinglePass
 from ..networks.nets import RPNet, iPEAR
 from ..preprocessing.elastix import elastix_ddf, elastix_register, has_elastix
 
@@ -24,15 +24,18 @@ ants, has_ants = optional_import("ants")
 
 __all__ = ["VoxelMorphDDF", "BenchmarkMethod", "build_method", "METHOD_NAMES", "LEARNED_METHODS"]
 
-METHOD_NAMES = ("ipear", "rpnet", "iirpnet", "ipear-fixed3", "voxelmorph", "elastix-affine", "elastix-bspline", "ants-syn")
-LEARNED_METHODS = {"ipear": "ipear", "ipear-fixed3": "ipear", "rpnet": "rpnet", "iirpnet": "rpnet", "voxelmorph": "voxelmorph"}
+METHOD_NAMES = ("ipear", "rpnet", "iirpnet", "ipear-fixed3", "voxelmorph", "elastix-affine", "elastix-bspline", "ants-syn",
+                "ipear-single", "rpnet-fixed3")
+LEARNED_METHODS = {"ipear": "ipear", "ipear-fixed3": "ipear", "rpnet": "rpnet", "iirpnet": "rpnet", "voxelmorph": "voxelmorph",
+                   "ipear-single": "ipear", "rpnet-fixed3": "rpnet"}
 """method -> the trained weights it uses (the architecture trained by the recipe)."""
 
 DISPLAY = {
     "ipear": "iPEAR (TCI)", "ipear-fixed3": "iPEAR, fixed 3 iterations", "rpnet": "RP-Net (single pass)",
     "iirpnet": "IIRP-Net (RP-Net + IterStop)", "voxelmorph": "MONAI VoxelMorph", "elastix-affine": "affine only (elastix)",
     "elastix-bspline": "elastix affine + B-spline", "ants-syn": "ANTs SyN",
-    "ipear-fixed-at-tci": "iPEAR, fixed at TCI's update counts",
+    "ipear-fixed-at-tci": "iPEAR, fixed at TCI's update counts", "ipear-single": "iPEAR, single pass",
+    "rpnet-fixed3": "RP-Net, fixed 3 iterations",
     "encoder:ipear": "encoder of iPEAR (NA), stacked pair", "encoder:rpnet": "encoder of RP-Net (conv), stacked pair",
     "train:ipear": "training step of iPEAR (forward + backward)", "train:rpnet": "training step of RP-Net (forward + backward)",
 }
@@ -128,8 +131,10 @@ def build_method(
             if w is not None:
                 _load_weights(net, arch, w)
                 note = ""
-        if name == "ipear-fixed3":
+        if name in ("ipear-fixed3", "rpnet-fixed3"):
             net = _shallow_with_controller(net, FixedIterations(3))
+        elif name == "ipear-single":
+            net = _shallow_with_controller(net, SinglePass())
         elif name == "iirpnet":
             net = _shallow_with_controller(net, IterStop(faithful=False))
         return _net_method(name, net, note)
