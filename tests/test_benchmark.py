@@ -197,3 +197,23 @@ def test_command_end_to_end_on_synthetic_files(tmp_path):
     assert "ANTs SyN" in text or "antspyx" in text  # present as a row or as a visible skip note
     r = ran["results"]["rpnet"][0]
     assert 0 < r["dice_mean"] <= 1 and r["hd95_mean"] >= 0 and r["pair"] == "s2_img_to_s3_img"
+
+
+def _allocate(mib: int) -> float:
+    x = torch.ones(mib * 2**18)  # float32: mib MiB
+    return float(x[-1])
+
+
+def test_fresh_process_peak_memory_sees_the_allocation_every_time():
+    """The in-process sampler reports ~0 once the allocator keeps memory; a fresh process per call does not."""
+    import functools
+
+    from monai_ipear.benchmark.memory import peak_memory_in_fresh_process
+
+    runs = [peak_memory_in_fresh_process(functools.partial(_allocate, 300)) for _ in range(2)]
+    for r in runs:
+        assert "error" not in r, r
+        assert r["peak_in_call"] and 250 < r["peak_rise_mb"] < 450, r
+        assert r["peak_mb"] >= r["peak_rise_mb"]
+    small = peak_memory_in_fresh_process(functools.partial(_allocate, 1))
+    assert small["peak_rise_mb"] < 60, small

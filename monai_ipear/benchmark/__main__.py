@@ -9,6 +9,12 @@ Whole recipe on a folder of raw scans (see docs/benchmarks.md)::
         --speed-sizes 160x192x160 80x96x112 --out docs/benchmarks.md
 
 On prepared data, without training: ``--datalist prep/dataset.json --weights ipear=ipear.pt rpnet=rpnet.pt``.
+Speed only, on one pair of images (no datalist, no accuracy table)::
+
+    python -m monai_ipear.benchmark --methods --speed-images moving.nii.gz fixed.nii.gz --speed-sizes 160x192x160 \
+        --speed-methods ipear rpnet ipear-fixed3 --speed-encoders ipear rpnet --speed-train ipear rpnet \
+        --fixed-at-tci --threads 2 --out speed.md
+
 Pairs are all ordered pairs of the ``--split`` subjects of the datalist (``validation`` by default).
 """
 
@@ -67,7 +73,8 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preprocess-labels", nargs="+")
     p.add_argument("--train-subjects", type=int, default=4)
     p.add_argument("--prep-dir", default="runs/prep")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    p.add_argument("--methods", nargs="*", default=list(METHOD_NAMES[:8]), choices=METHOD_NAMES,
+                   help="methods of the accuracy table (none: speed study only)")
     p.add_argument("--weights", nargs="*", default=[], help="arch=path for ipear, rpnet, voxelmorph (state_dict files)")
     p.add_argument("--train-minutes", type=float, default=None, help="train each learned architecture this long first")
     p.add_argument("--train-steps", type=int, default=None, help="or stop training after this many steps")
@@ -80,6 +87,19 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--elastix-iterations", type=int, default=256)
     p.add_argument("--speed-sizes", nargs="*", default=[], type=_size, help="e.g. 160x192x160 80x96x112")
     p.add_argument("--speed-methods", nargs="+", default=["ipear", "rpnet", "iirpnet", "ipear-fixed3"])
+    p.add_argument("--speed-images", nargs=2, metavar=("MOVING", "FIXED"),
+                   help="the pair the speed study uses (default: the first test pair)")
+    p.add_argument("--speed-encoders", nargs="*", default=[], choices=["ipear", "rpnet"],
+                   help="also time these methods' encoders on the stacked pair")
+    p.add_argument("--speed-train", nargs="*", default=[], choices=["ipear", "rpnet"],
+                   help="also time one training step (forward + backward of the recipe's loss)")
+    p.add_argument("--speed-train-sizes", nargs="*", default=None, type=_size,
+                   help="sizes (among --speed-sizes) at which training steps are timed (default: all)")
+    p.add_argument("--fixed-at-tci", action="store_true",
+                   help="also time iPEAR with fixed updates per level equal to TCI's counts on the pair")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
+    p.add_argument("--reference-paths", action="store_true",
+                   help="run the networks on their reference implementations (gather attention, MONAI Warp)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
     p.add_argument("--autocast", action="store_true", help="also time under torch.autocast")
     p.add_argument("--device", default="cpu")
@@ -121,8 +141,11 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
             training.append(info)
         notes.append(f"training: {len(train_pairs)} ordered pairs of the '{a.train_split}' split, LNCC(9) + 1.0 x "
                      f"diffusion, Adam lr {a.lr}, batch 1, the same wall-time budget for every network")
-    test_items = load_registration_pairs(datalist, split=a.split)
-    pairs, spacing = _load_pairs(test_items)
+    if a.methods or not a.speed_images:
+        test_items = load_registration_pairs(datalist, split=a.split)
+        pairs, spacing = _load_pairs(test_items)
+    else:
+        pairs, spacing = [], None
     methods = [build_method(m, weights, elastix_iterations=a.elastix_iterations) for m in a.methods]
     for m in methods:
         if m.note:
@@ -134,11 +157,28 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     if a.speed_sizes:
         from .speed import speed_study
 
-        nets = {m: build_method(m, weights).network for m in a.speed_methods}
-        speed = speed_study(nets, pairs[0]["moving_image"], pairs[0]["fixed_image"], a.speed_sizes, a.repeats, a.warmup,
-                            a.batch_sizes, (False, True) if a.autocast else (False,), a.device)
-        notes.append(f"speed: pair '{pairs[0]['pair']}' resized (trilinear) to each size; "
-                     f"{a.repeats} timed calls after {a.warmup} warm-up, median")
+        names = list(dict.fromkeys(a.speed_methods + a.speed_encoders + a.speed_train))
+        nets = {m: build_method(m, weights).network for m in names}
+        if a.reference_paths:
+            from ..networks.nets import use_reference_paths
+
+            for net in nets.values():
+                use_reference_paths(net)
+            notes.append("networks on their reference paths (gather neighborhood attention, MONAI Warp)")
+        if a.speed_images:
+            (sp,), _ = _load_pairs([{"moving_image": a.speed_images[0], "fixed_image": a.speed_images[1]}])
+            sp_moving, sp_fixed = sp["moving_image"], sp["fixed_image"]
+            pair_name = f"{os.path.basename(a.speed_images[0])} to {os.path.basename(a.speed_images[1])}"
+        else:
+            sp_moving, sp_fixed, pair_name = pairs[0]["moving_image"], pairs[0]["fixed_image"], pairs[0]["pair"]
+        speed = speed_study(nets, sp_moving, sp_fixed, a.speed_sizes, a.repeats, a.warmup,
+                            a.batch_sizes, (False, True) if a.autocast else (False,), a.device,
+                            encoders=a.speed_encoders, train_steps=a.speed_train, fixed_at_tci=a.fixed_at_tci,
+                            memory=not a.no_memory, train_sizes=a.speed_train_sizes)
+        notes.append(f"speed: pair '{pair_name}' resized (trilinear) to each size; {a.warmup} warm-up round(s), then "
+                     f"{a.repeats} interleaved rounds (each method once per round), median; peak memory: one fresh "
+                     "process per row (CPU: peak resident set size of that process, ru_maxrss, which includes "
+                     "Python, torch and the weights; rise = over its size just before the call)")
     plots_dir = a.plots_dir or os.path.splitext(a.out)[0]
     plots = {}
     try:

@@ -1,8 +1,10 @@
 """Run registration methods over pairs and measure time, memory, accuracy, smoothness and TCI iterations.
 
 Per pair and method: wall time of ``register`` (median over ``repeats`` timed calls after ``warmup`` untimed
-ones), peak memory of the call (CPU: increase of the process's resident set size over the value before the
-call, sampled every 2 ms, which includes what the allocator keeps; CUDA: ``torch.cuda.max_memory_allocated``),
+ones), peak memory of the call (learned methods: measured in a fresh process,
+:func:`~monai_ipear.benchmark.memory.peak_memory_in_fresh_process`, CPU: the peak resident set size of that
+process; classical methods, timed once: rise of this process's resident set size sampled every 2 ms; CUDA:
+``torch.cuda.max_memory_allocated``),
 Dice per label and mean, HD95 and ASSD (mm) and folding % (``monai_ipear.metrics.pair_registration_metrics``),
 and the number of updates per pyramid level (``network.last_iterations``).
 """
@@ -138,6 +140,11 @@ def run_benchmark(
             once = method.timed_once
             ddf, times, peak = time_call(method.register, moving, fixed, repeats=1 if once else repeats,
                                          warmup=0 if once else warmup, device=device)
+            if learned:  # the in-process sampler misses what the allocator kept from earlier calls: fresh process
+                from .memory import peak_memory_in_fresh_process
+                from .speed import _Call
+
+                peak = peak_memory_in_fresh_process(_Call(method.network, False, device), moving, fixed, device=device)["peak_mb"]
             ddf = ddf.float().cpu()
             row = {"pair": pair.get("pair", str(len(rows))), "time_s": statistics.median(times), "times_s": times,
                    "peak_mb": peak, "iterations": None}

@@ -1,6 +1,6 @@
 """The registration methods the benchmark compares, behind one call: ``ddf = method.register(moving, fixed)``.
 
-Learned methods (``ipear``, ``ipear-fixed3``, ``rpnet``, ``iirpnet``, ``voxelmorph``) are networks of this
+Learned methods (``ipear``, ``ipear-fixed3``, ``ipear-single``, ``rpnet``, ``rpnet-fixed3``, ``iirpnet``, ``voxelmorph``) are networks of this
 package or MONAI's :class:`~monai.networks.nets.VoxelMorph`; ``iirpnet`` is RP-Net's weights under IterStop
 (IIRP-Net is RP-Net with iterative inference) and ``ipear-fixed3`` iPEAR's weights with 3 updates per level.
 Classical baselines: ``elastix-affine`` (affine only) and ``elastix-bspline`` (optional extra ``prealign``),
@@ -16,7 +16,7 @@ import torch
 from monai.networks.nets import VoxelMorph
 from monai.utils import optional_import
 
-from ..controllers import FixedIterations, IterStop
+from ..controllers import FixedIterations, IterStop, SinglePass
 from ..networks.nets import RPNet, iPEAR
 from ..preprocessing.elastix import elastix_ddf, elastix_register, has_elastix
 
@@ -24,14 +24,20 @@ ants, has_ants = optional_import("ants")
 
 __all__ = ["VoxelMorphDDF", "BenchmarkMethod", "build_method", "METHOD_NAMES", "LEARNED_METHODS"]
 
-METHOD_NAMES = ("ipear", "rpnet", "iirpnet", "ipear-fixed3", "voxelmorph", "elastix-affine", "elastix-bspline", "ants-syn")
-LEARNED_METHODS = {"ipear": "ipear", "ipear-fixed3": "ipear", "rpnet": "rpnet", "iirpnet": "rpnet", "voxelmorph": "voxelmorph"}
+METHOD_NAMES = ("ipear", "rpnet", "iirpnet", "ipear-fixed3", "voxelmorph", "elastix-affine", "elastix-bspline", "ants-syn",
+                "ipear-single", "rpnet-fixed3")
+LEARNED_METHODS = {"ipear": "ipear", "ipear-fixed3": "ipear", "rpnet": "rpnet", "iirpnet": "rpnet", "voxelmorph": "voxelmorph",
+                   "ipear-single": "ipear", "rpnet-fixed3": "rpnet"}
 """method -> the trained weights it uses (the architecture trained by the recipe)."""
 
 DISPLAY = {
     "ipear": "iPEAR (TCI)", "ipear-fixed3": "iPEAR, fixed 3 iterations", "rpnet": "RP-Net (single pass)",
     "iirpnet": "IIRP-Net (RP-Net + IterStop)", "voxelmorph": "MONAI VoxelMorph", "elastix-affine": "affine only (elastix)",
     "elastix-bspline": "elastix affine + B-spline", "ants-syn": "ANTs SyN",
+    "ipear-fixed-at-tci": "iPEAR, fixed at TCI's update counts", "ipear-single": "iPEAR, single pass",
+    "rpnet-fixed3": "RP-Net, fixed 3 iterations",
+    "encoder:ipear": "encoder of iPEAR (NA), stacked pair", "encoder:rpnet": "encoder of RP-Net (conv), stacked pair",
+    "train:ipear": "training step of iPEAR (forward + backward)", "train:rpnet": "training step of RP-Net (forward + backward)",
 }
 
 
@@ -123,10 +129,12 @@ def build_method(
             net = make_network(arch, spatial_dims)
             note = "random weights (untrained)"
             if w is not None:
-                net.load_state_dict(torch.load(w, map_location="cpu", weights_only=True))
+                _load_weights(net, arch, w)
                 note = ""
-        if name == "ipear-fixed3":
+        if name in ("ipear-fixed3", "rpnet-fixed3"):
             net = _shallow_with_controller(net, FixedIterations(3))
+        elif name == "ipear-single":
+            net = _shallow_with_controller(net, SinglePass())
         elif name == "iirpnet":
             net = _shallow_with_controller(net, IterStop(faithful=False))
         return _net_method(name, net, note)
@@ -158,6 +166,32 @@ def build_method(
 
         return BenchmarkMethod(name, register, note="antspyx SyN defaults, timed once per pair", timed_once=True)
     raise ValueError(f"unknown method {name!r}; choose from {METHOD_NAMES}")
+
+
+def _load_weights(net: torch.nn.Module, arch: str, path: str) -> None:
+    """A ``state_dict`` file, a training checkpoint holding one (``network``/``model``/``state_dict`` key), or for
+    ``rpnet`` the published IIRP-Net checkpoint (converted by :func:`~monai_ipear.networks.nets.convert_iirp_state_dict`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the published IIRP-Net file stores a Python config dict
+        state = None
+    if isinstance(state, dict):
+        for key in ("network", "model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if state is not None:
+        try:
+            net.load_state_dict(state)
+            return
+        except RuntimeError:
+            if arch != "rpnet":
+                raise
+    if arch != "rpnet":
+        raise ValueError(f"could not load weights for {arch} from {path}")
+    from ..networks.nets import load_iirp_checkpoint
+
+    net.load_state_dict(load_iirp_checkpoint(path).state_dict())
 
 
 def _shallow_with_controller(net: torch.nn.Module, controller) -> torch.nn.Module:

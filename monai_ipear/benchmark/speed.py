@@ -1,20 +1,83 @@
-"""Speed of the learned methods at given input sizes, all in one process so their ratios are comparable."""
+"""Speed of the learned methods at given input sizes, all in one process so their ratios are comparable.
+
+Timed calls are *interleaved*: every round times each method once, in the same order, so that a change of machine
+load during the study affects every method alike; the median over rounds is reported. Besides whole
+registrations the study can time the two encoders on the stacked pair (``encoder:<method>``) and one training
+step, forward + backward of the recipe's loss (``train:<method>``). Peak memory is measured separately, one
+fresh process per measurement (:func:`~monai_ipear.benchmark.memory.peak_memory_in_fresh_process`).
+"""
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
 from monai.transforms import Resize
 
-from .harness import time_call
+from ..controllers import FixedIterations
+from .memory import peak_memory_in_fresh_process
 
-__all__ = ["speed_study"]
+__all__ = ["speed_study", "fixed_at_counts"]
 
 
 def _plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+def fixed_at_counts(net: torch.nn.Module, counts: Sequence[int]) -> torch.nn.Module:
+    """A copy of a pyramid network sharing its weights, with ``FixedIterations(counts[l])`` at level ``l``
+    (finest first): the same decoder passes as a controlled run that made ``counts`` updates, without the control."""
+    import copy
+
+    clone = copy.copy(net)
+    clone._modules = dict(net._modules)
+    clone.controller = [FixedIterations(max(1, int(k))) for k in counts]
+    return clone
+
+
+class _Call:
+    """A picklable timed call (a fresh process measures its peak memory): ``call(moving, fixed)``."""
+
+    def __init__(self, net: torch.nn.Module, amp: bool, device: torch.device) -> None:
+        self.net, self.amp, self.device_type = net, amp, torch.device(device).type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.device_type == "cuda" else torch.bfloat16
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor):
+        self.net.to(a.device)
+        with torch.no_grad(), torch.autocast(self.device_type, dtype=self.dtype, enabled=self.amp):
+            return self.run(a, b)
+
+    def run(self, a, b):
+        return self.net.eval()(a, b)
+
+
+class _EncoderCall(_Call):
+    def run(self, a, b):
+        return self.net.eval().encoder(torch.cat([a, b], 0))
+
+
+class _TrainCall(_Call):
+    """One training step without the optimiser update: forward (one pass per level) + the recipe's loss + backward."""
+
+    def __call__(self, a, b):
+        from ..losses import RegistrationLoss
+
+        net = self.net.to(a.device).train()
+        loss_fn = RegistrationLoss(spatial_dims=net.spatial_dims)
+        try:
+            net.zero_grad(set_to_none=True)
+            with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.amp):
+                ddf = net(a, b)
+                loss = loss_fn(net.fields.warp(a, ddf), b, ddf)
+            loss.backward()
+        finally:
+            net.eval()
+        return ddf.detach()
 
 
 def speed_study(
@@ -28,6 +91,11 @@ def speed_study(
     autocast: Sequence[bool] = (False,),
     device: torch.device | str = "cpu",
     reference: str = "ipear",
+    encoders: Sequence[str] = (),
+    train_steps: Sequence[str] = (),
+    fixed_at_tci: bool = False,
+    memory: bool = True,
+    train_sizes: Sequence[Sequence[int]] | None = None,
     log=print,
 ) -> list[dict]:
     """Time every network on one real pair resized (trilinear, :class:`monai.transforms.Resize`) to each size.
@@ -37,39 +105,86 @@ def speed_study(
             iPEAR fixed-3 sharing trained weights.
         moving, fixed: ``(1, 1, *spatial)`` images in [0, 1] (a real pair, so that iteration counts mean something).
         sizes: spatial sizes to test.
-        repeats, warmup: timed and untimed calls per setting; the median is reported.
+        repeats, warmup: interleaved timed rounds and untimed calls per setting; the median is reported.
         batch_sizes: the pair repeated along the batch (time is per call, not per pair).
-        autocast: with ``True`` also under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+        autocast: with ``True`` also under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU); autocast rows carry
+            ``max_abs_diff_voxels``, the largest difference of their field from the float32 field of the same method.
         reference: the method whose time is divided by each other's (``ipear_ratio`` = reference / method).
+        encoders: methods whose encoder alone is also timed on the stacked pair (row ``encoder:<name>``).
+        train_steps: methods whose training step (forward + backward of the recipe's loss, one pass per level) is
+            also timed (row ``train:<name>``).
+        fixed_at_tci: add ``<reference>-fixed-at-tci``: the reference network with, per level, as many fixed updates
+            as its controller made in the warm-up call (batch 1: the same decoder passes without the control).
+        train_sizes: the sizes at which the training steps are timed (default: every size).
+        memory: measure each row's peak memory in a fresh process (CPU: peak resident set size of that process,
+            ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``).
 
     Returns:
         rows with ``size``, ``batch``, ``autocast``, ``method``, ``time_s`` (median), ``times_s``, ``peak_mb``,
-        ``iterations`` (mean per level over the batch, finest first) and ``ipear_ratio``.
+        ``peak_rise_mb``, ``iterations`` (mean per level over the batch, finest first) and ``ipear_ratio``.
     """
     device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     rows: list[dict] = []
     for size in sizes:
         resize = Resize(spatial_size=tuple(size), mode="trilinear" if len(size) == 3 else "bilinear")
         m, f = (_plain(resize(x[0].cpu()))[None] for x in (moving, fixed))
         for batch in batch_sizes:
             mb, fb = m.repeat(batch, 1, *([1] * len(size))).to(device), f.repeat(batch, 1, *([1] * len(size))).to(device)
+            fp32_fields: dict[str, torch.Tensor] = {}
             for amp in autocast:
-                group = []
+                entries: list[tuple[str, torch.nn.Module, _Call]] = []
                 for name, net in networks.items():
-                    net = net.to(device).eval()
-                    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-                    def call(a, b, net=net, amp=amp, dtype=dtype):
-                        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
-                            return net(a, b)
-
-                    _, times, peak = time_call(call, mb, fb, repeats=repeats, warmup=warmup, device=device)
-                    iters = getattr(net, "last_iterations", None)
+                    net.to(device).eval()
+                    entries.append((name, net, _Call(net, amp, device)))
+                for name in encoders:
+                    entries.append((f"encoder:{name}", networks[name], _EncoderCall(networks[name], amp, device)))
+                for name in train_steps if train_sizes is None or list(size) in [list(t) for t in train_sizes] else ():
+                    entries.append((f"train:{name}", networks[name], _TrainCall(networks[name], amp, device)))
+                outputs: dict[str, object] = {}
+                counts = None
+                for _ in range(max(1, warmup)):
+                    for name, _net, call in entries:
+                        outputs[name] = call(mb, fb)
+                        if name == reference and getattr(_net, "last_iterations", None) is not None:
+                            counts = _net.last_iterations[0].tolist()  # before a training step resets them
+                if fixed_at_tci and counts is not None:
+                    name = f"{reference}-fixed-at-tci"
+                    clone = fixed_at_counts(networks[reference], counts)
+                    call = _Call(clone, amp, device)
+                    outputs[name] = call(mb, fb)
+                    index = next(i for i, e in enumerate(entries) if e[0] == reference) + 1
+                    entries.insert(index, (name, clone, call))
+                times: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+                iterations: dict[str, list | None] = {}
+                for _ in range(repeats):
+                    for name, net, call in entries:
+                        sync(device)
+                        start = time.perf_counter()
+                        out = call(mb, fb)
+                        sync(device)
+                        times[name].append(time.perf_counter() - start)
+                        iters = getattr(net, "last_iterations", None)
+                        if ":" not in name:
+                            iterations[name] = iters.float().mean(0).tolist() if iters is not None else None
+                            outputs[name] = out
+                group = []
+                for name, net, call in entries:
                     row = {"size": list(size), "batch": batch, "autocast": amp, "method": name,
-                           "time_s": statistics.median(times), "times_s": times, "peak_mb": peak,
-                           "iterations": iters.float().mean(0).tolist() if iters is not None else None}
+                           "time_s": statistics.median(times[name]), "times_s": times[name],
+                           "peak_mb": float("nan"), "peak_rise_mb": float("nan"), "iterations": iterations.get(name)}
+                    out = outputs.get(name)
+                    if ":" not in name and isinstance(out, torch.Tensor):
+                        if not amp:
+                            fp32_fields[name] = out.float().cpu()
+                        elif name in fp32_fields:
+                            row["max_abs_diff_voxels"] = float((out.float().cpu() - fp32_fields[name]).abs().max())
+                    if memory:
+                        mem = peak_memory_in_fresh_process(call, mb, fb, device=device)
+                        row["peak_mb"], row["peak_rise_mb"] = mem["peak_mb"], mem["peak_rise_mb"]
                     group.append(row)
-                    log(f"speed {size} batch {batch} autocast {amp} {name}: {row['time_s']:.3f} s, "
+                    log(f"speed {size} batch {batch} autocast {amp} {name}: {row['time_s']:.3f} s "
+                        f"(rounds {[round(t, 2) for t in times[name]]}), peak {row['peak_mb']:.0f} MiB, "
                         f"iterations {row['iterations']}")
                 ref = next((r for r in group if r["method"] == reference), None)
                 for r in group:

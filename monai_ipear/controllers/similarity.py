@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["global_ncc", "global_ncc_iirp", "negative_mse", "negative_mae", "get_similarity"]
+__all__ = ["global_ncc", "global_ncc_iirp", "negative_mse", "negative_mae", "get_similarity", "PreparedSimilarity"]
 
 
 def _flat(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,3 +66,49 @@ def get_similarity(similarity: str | Callable) -> Callable[[torch.Tensor, torch.
         return _SIMILARITIES[similarity.lower()]
     except (KeyError, AttributeError):
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {sorted(_SIMILARITIES)} or pass a callable.") from None
+
+
+class PreparedSimilarity:
+    """``similarity(warped, fixed)`` against one fixed batch, with what depends on the fixed images alone computed once.
+
+    A pyramid evaluates the similarity after every update against the same fixed images; for :func:`global_ncc`
+    (and :func:`global_ncc_iirp`) the centred fixed images and their variance are kept, so each call only centres
+    the warped images: the same operations on the same values as the plain function (identical results). Other
+    similarities are called as they are.
+
+    Args:
+        similarity: a function ``(warped, fixed) -> (B,)``.
+        fixed: ``(B, C, *spatial)``.
+
+    ``__call__(warped, index)``: ``warped`` ``(b, C, *spatial)`` for the samples ``index`` (a ``(b,)`` long tensor of
+    increasing batch positions) -> ``(b,)``.
+    """
+
+    def __init__(self, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], fixed: torch.Tensor, eps: float = 1e-8):
+        self.similarity, self.fixed, self.eps = similarity, fixed, eps
+        self.kind = {global_ncc: "ncc", global_ncc_iirp: "ncc_iirp"}.get(similarity)
+        if self.kind is not None:
+            b = fixed.detach().float().flatten(1)
+            if self.kind == "ncc":
+                self.centred = b - b.mean(1, keepdim=True)
+                self.spread = self.centred.square().mean(1)
+            else:
+                self.centred = b - b.mean(1, keepdim=True)
+                self.spread = b.std(1)
+
+    def _select(self, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t if index.numel() == t.shape[0] else t.index_select(0, index)  # increasing indices: all = arange
+
+    def __call__(self, warped: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.kind is None:
+            return self.similarity(warped, self._select(self.fixed, index))
+        a = warped.float().flatten(1)
+        b, spread = self._select(self.centred, index), self._select(self.spread, index)
+        if self.kind == "ncc":
+            a = a - a.mean(1, keepdim=True)
+            cov = (a * b).mean(1)
+            denom = (a.square().mean(1) * spread).sqrt()
+        else:
+            cov = ((a - a.mean(1, keepdim=True)) * b).mean(1)
+            denom = a.std(1) * spread
+        return torch.where(denom > self.eps, cov / denom.clamp_min(self.eps), torch.zeros_like(cov))

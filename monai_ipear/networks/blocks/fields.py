@@ -45,26 +45,53 @@ def resize_ddf(ddf: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class FieldComposer(torch.nn.Module):
-    """Warps images and composes displacement fields with MONAI's :class:`~monai.networks.blocks.Warp`.
+    """Warps images and composes displacement fields with MONAI's :class:`~monai.networks.blocks.Warp` convention.
 
     Args:
         padding_mode: ``"zeros"`` (IIRP-Net's reference code; samples outside the grid read 0),
             ``"border"`` or ``"reflection"``. Used for images, features and field composition alike.
+        fast: linear warps build the normalised sampling grid in one channels-last pass (a cached identity grid
+            plus the scaled field) and call ``torch.nn.functional.grid_sample`` exactly as MONAI's ``Warp`` does on
+            its native path (``align_corners=True``, same padding), instead of ``Warp``'s several passes over the
+            field; the same function up to float rounding of the grid (tested). ``False``: MONAI's ``Warp``.
+            Nearest-neighbour warps (label maps) always use ``Warp``.
     """
 
-    def __init__(self, padding_mode: str = "zeros") -> None:
+    def __init__(self, padding_mode: str = "zeros", fast: bool = True) -> None:
         super().__init__()
         self.padding_mode = padding_mode
+        self.fast = fast
         self.warp_linear = Warp(mode="bilinear", padding_mode=padding_mode)
         self.warp_nearest = Warp(mode="nearest", padding_mode=padding_mode)
+        self._grid_cache: tuple | None = None
+
+    def _identity_grid(self, spatial, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channels-last normalised identity grid ``(1, *spatial, nd)`` (x, y, z order) and per-channel scales."""
+        key = (tuple(spatial), device)
+        if self._grid_cache is None or self._grid_cache[0] != key:
+            scales = [2.0 / max(s - 1, 1) for s in spatial]
+            axes = [torch.arange(s, device=device, dtype=torch.float32) * sc - 1.0 for s, sc in zip(spatial, scales)]
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
+            scale = torch.tensor(scales[::-1], device=device, dtype=torch.float32)
+            self._grid_cache = (key, grid, scale)
+        return self._grid_cache[1], self._grid_cache[2]
 
     def warp(self, image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """Warp ``image`` ``(B, C, *spatial)`` with ``ddf`` ``(B, spatial_dims, *spatial)``: ``image(x + ddf(x))``.
 
         The field is cast to the image's dtype family: sampling runs in float32 under autocast.
         """
-        warp = self.warp_nearest if mode == "nearest" else self.warp_linear
         ddf = ddf.float()
+        if self.fast and mode != "nearest" and not torch.jit.is_scripting():
+            spatial_dims = ddf.ndim - 2
+            if image.shape[2:] != ddf.shape[2:] or ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
+                raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} do not match.")
+            identity, scale = self._identity_grid(ddf.shape[2:], ddf.device)
+            # channel i of the DDF is array axis i; grid_sample wants (x, y[, z]) = reversed axes, normalised
+            flipped = ddf.movedim(1, -1).flip(-1)
+            grid = torch.addcmul(identity, flipped, scale)
+            return F.grid_sample(image.float(), grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=True)
+        warp = self.warp_nearest if mode == "nearest" else self.warp_linear
         if warp.ref_grid is not None and warp.ref_grid.device != ddf.device:
             warp.ref_grid = None  # MONAI caches the grid by shape only; drop it when the device changes
         return warp(image.float(), ddf)

@@ -8,10 +8,29 @@ import torch
 import torch.nn as nn
 
 from ...controllers import IterationController, SinglePass, controlled_refinement
+from ...controllers.similarity import PreparedSimilarity
 from ..blocks.fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
 from ..utils import check_registration_pair
 
-__all__ = ["PyramidRegistrationNet"]
+__all__ = ["PyramidRegistrationNet", "use_reference_paths"]
+
+
+def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
+    """Switch every fast path inside ``module`` to its reference implementation (or back): neighborhood attention
+    by gathering (``implementation="gather"``) and warps by MONAI's ``Warp`` (``FieldComposer.fast = False``).
+
+    Both compute the same function (tests check fields within 1e-4 voxels and equal update counts); the reference
+    paths exist to prove it and to measure the speed-up. Returns ``module``.
+    """
+    from ..blocks.fields import FieldComposer
+    from ..blocks.neighborhood_attention import NeighborhoodAttention
+
+    for m in module.modules():
+        if isinstance(m, NeighborhoodAttention):
+            m.implementation = "gather" if reference else "shifted"
+        elif isinstance(m, FieldComposer):
+            m.fast = not reference
+    return module
 
 
 class PyramidRegistrationNet(nn.Module):
@@ -35,6 +54,9 @@ class PyramidRegistrationNet(nn.Module):
         padding_mode: ``Warp`` padding for features, images and composition (``"zeros"`` as IIRP-Net).
         unroll_training: in training mode, iterate under the controllers (gradients through every update)
             instead of one pass per level.
+
+    The controllers judge similarities on the images' own extent: the zero padding to a multiple of
+    ``2 ** (levels - 1)`` is cropped off the warped and the fixed image first.
 
     ``forward(moving, fixed)``: ``(B, C, *spatial)`` each -> DDF ``(B, spatial_dims, *spatial)`` in voxels,
     pull convention. Sizes not divisible by ``2 ** (levels - 1)`` are zero-padded at the far end and the field
@@ -102,6 +124,15 @@ class PyramidRegistrationNet(nn.Module):
 
         single = self.training and not self.unroll_training
         controllers = self.controllers
+        fixed_own = crop_to(fixed, spatial)
+        prepared_cache: dict = {}
+
+        def prepared(similarity):
+            # the fixed image's part of the similarity (centred image, variance) is computed once per forward
+            if similarity not in prepared_cache:
+                prepared_cache[similarity] = PreparedSimilarity(similarity, fixed_own)
+            return prepared_cache[similarity]
+
         iterations = torch.zeros(batch, self.levels, dtype=torch.long)
         traces: list[torch.Tensor] = [torch.empty(0)] * self.levels
         ddf: torch.Tensor | None = None
@@ -120,11 +151,13 @@ class PyramidRegistrationNet(nn.Module):
                 extra = {"previous": u} if getattr(decoder, "takes_previous_field", False) else {}
                 return self.fields.compose(u, decoder(self.fields.warp(fm[index], u), ff[index], **extra))
 
-            def evaluate(u, index, lvl=lvl, controller=controllers[lvl]):
-                warped = self.fields.warp(moving[index], resize_ddf(u, 2**lvl))
-                return controller.similarity(warped, fixed[index])
-
             controller = SinglePass() if single else controllers[lvl]
+
+            def evaluate(u, index, lvl=lvl, controller=controller):
+                # the similarity of the image's own extent: the padding added above is cropped off both images
+                warped = crop_to(self.fields.warp(moving[index], resize_ddf(u, 2**lvl)), spatial)
+                return prepared(controller.similarity)(warped, index)
+
             ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=coarsest)
             iterations[:, lvl] = kept
             traces[lvl] = trace

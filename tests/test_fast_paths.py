@@ -1,0 +1,135 @@
+"""Every fast path equals its reference path: fields within 1e-4 voxels (fp32) and equal update counts, in 2D and
+3D with batch 2 on CPU; TCI's similarity is computed on the images' own extent (padding cropped off)."""
+
+import pytest
+import torch
+
+import monai_ipear
+from monai_ipear.controllers import TCI, FixedIterations, IterStop
+from monai_ipear.controllers.similarity import PreparedSimilarity, global_ncc, global_ncc_iirp, negative_mse
+from monai_ipear.networks.blocks.fields import FieldComposer, crop_to
+from monai_ipear.networks.nets import use_reference_paths
+
+
+def _blobs(spatial, shift, batch=2, seed=0):
+    """Smooth random images in [0, 1]; the moving ones shifted by ``shift`` voxels along every axis."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 1, *[max(2, s // 4) for s in spatial], generator=g)
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    fixed = torch.nn.functional.interpolate(coarse, size=tuple(spatial), mode=mode, align_corners=True)
+    moving = torch.roll(fixed, shifts=(shift,) * len(spatial), dims=tuple(range(2, 2 + len(spatial))))
+    return moving, fixed
+
+
+def _ipear(spatial_dims, controller, seed=0):
+    torch.manual_seed(seed)
+    net = monai_ipear.iPEAR(spatial_dims=spatial_dims, controller=controller)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".cl3.conv." in name:
+                p.mul_(0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (36, 30)), (3, (16, 20, 12))])
+@pytest.mark.parametrize("controller", [TCI(), FixedIterations(2), IterStop()], ids=["tci", "fixed2", "iterstop"])
+def test_ipear_fast_paths_equal_reference(spatial_dims, size, controller):
+    moving, fixed = _blobs(size, 2)
+    fast = _ipear(spatial_dims, controller)
+    ref = use_reference_paths(_ipear(spatial_dims, controller))
+    with torch.no_grad():
+        ddf_fast, ddf_ref = fast(moving, fixed), ref(moving, fixed)
+    assert torch.equal(fast.last_iterations, ref.last_iterations)
+    assert (ddf_fast - ddf_ref).abs().max() <= 1e-4
+    assert ddf_fast.abs().max() > 0.05  # the fields are not trivially zero
+    for a, b in zip(fast.last_similarities, ref.last_similarities):
+        assert torch.allclose(a, b, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (36, 30)), (3, (16, 20, 12))])
+def test_training_step_gradients_equal_reference(spatial_dims, size):
+    moving, fixed = _blobs(size, 1)
+    fast, ref = _ipear(spatial_dims, TCI()).train(), use_reference_paths(_ipear(spatial_dims, TCI())).train()
+    grads = []
+    for net in (fast, ref):
+        net.zero_grad()
+        ddf = net(moving, fixed)
+        loss = (net.fields.warp(moving, ddf) - fixed).square().mean() + 0.1 * ddf.square().mean()
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("size", [(7, 9), (6, 5, 8), (1, 6, 5)])
+def test_fast_warp_and_compose_equal_monai_warp(padding_mode, size):
+    torch.manual_seed(0)
+    fast, ref = FieldComposer(padding_mode), FieldComposer(padding_mode, fast=False)
+    image, ddf = torch.rand(2, 3, *size), 2 * torch.randn(2, len(size), *size)
+    assert torch.allclose(fast.warp(image, ddf), ref.warp(image, ddf), atol=1e-5)
+    assert torch.allclose(fast.compose(ddf, 0.5 * ddf), ref.compose(ddf, 0.5 * ddf), atol=1e-4)
+    labels = torch.randint(0, 5, (2, 1, *size)).float()
+    assert torch.equal(fast.warp(labels, ddf, mode="nearest"), ref.warp(labels, ddf, mode="nearest"))
+
+
+@pytest.mark.parametrize("fn", [global_ncc, global_ncc_iirp, negative_mse])
+def test_prepared_similarity_equals_plain(fn):
+    torch.manual_seed(0)
+    fixed, warped = torch.rand(3, 1, 9, 8, 7), torch.rand(3, 1, 9, 8, 7)
+    prepared = PreparedSimilarity(fn, fixed)
+    assert torch.equal(prepared(warped, torch.arange(3)), fn(warped, fixed))
+    index = torch.tensor([0, 2])
+    assert torch.equal(prepared(warped[index], index), fn(warped[index], fixed[index]))
+    flat = torch.zeros_like(fixed)  # zero variance: 0, never NaN
+    assert torch.equal(PreparedSimilarity(fn, flat)(warped, torch.arange(3)), fn(warped, flat))
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (36, 30)), (3, (13, 20, 11))])
+def test_similarity_sees_only_the_unpadded_extent(spatial_dims, size):
+    """Sizes not divisible by 8 are padded inside the pyramid; the controller judges the original extent only:
+    every similarity call gets the original size, and the last level-1 similarity equals the NCC of the
+    returned (cropped) field applied to the unpadded pair."""
+    moving, fixed = _blobs(size, 2)
+    shapes = []
+
+    def ncc(a, b):
+        shapes.append((tuple(a.shape[2:]), tuple(b.shape[2:])))
+        return global_ncc(a, b)
+
+    net = _ipear(spatial_dims, TCI(similarity=ncc))
+    with torch.no_grad():
+        ddf = net(moving, fixed)
+        s_direct = global_ncc(FieldComposer("zeros").warp(moving, ddf), fixed)
+    assert shapes and all(a == tuple(size) and b == tuple(size) for a, b in shapes)
+    kept = net.last_iterations[:, 0]
+    s_last = net.last_similarities[0][torch.arange(2), kept]
+    assert torch.allclose(s_last, s_direct, atol=1e-5)
+
+
+def test_padded_and_unpadded_pair_give_the_same_similarities_and_decisions():
+    """A pair that needs padding and the same pair on a grid that does not (its content placed in a larger, already
+    divisible image whose extra region is zero in both images and ignored by a cropping similarity) must not be
+    judged on the padding: with a network whose fields vanish (zero last convolutions), s is the NCC of the
+    unpadded pair at every update and TCI's decisions follow from it."""
+    size = (21, 19)
+    moving, fixed = _blobs(size, 2)
+    net = _ipear(2, TCI())
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".cl3.conv." in name:
+                p.zero_()
+        net(moving, fixed)
+    expected = global_ncc(moving, fixed)
+    padded_ncc = global_ncc(torch.nn.functional.pad(moving, (0, 5, 0, 3)), torch.nn.functional.pad(fixed, (0, 5, 0, 3)))
+    assert not torch.allclose(expected, padded_ncc, atol=1e-4)  # the padding would change s
+    for trace in net.last_similarities:
+        computed = trace[:, 1:4]
+        assert torch.allclose(computed, expected[:, None].expand_as(computed), atol=1e-6)
+    assert torch.equal(net.last_iterations, torch.full((2, 4), 3))  # constant s: TCI stops at t = 3
+
+
+def test_crop_to_is_the_inverse_of_padding():
+    x = torch.rand(2, 1, 5, 7)
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 3))
+    assert torch.equal(crop_to(padded, (5, 7)), x)
