@@ -3,7 +3,8 @@
 In the released archive the ``monai_ipear`` package source travels in ``scripts/monai_ipear`` (``python -m
 bundle.make_bundle build`` copies it there), so the bundle needs no unpublished package: importing ``scripts`` puts
 this folder first on ``sys.path`` and imports that copy. In the repository (no ``scripts/monai_ipear``) it imports
-the package itself. The configs import ``scripts`` after adding ``bundle_root`` to ``sys.path`` (``initialize``), and
+the package itself. The configs import ``scripts`` after adding ``bundle_root`` to ``sys.path`` (``initialize``; when
+``bundle_root`` has no ``scripts/``, e.g. a run folder outside the repository, the installed package instead), and
 in ``imports`` for tools that parse a config without running it (the bundle root is then already on the path, as in
 the zoo's CI or ``python -m monai.bundle`` started in the bundle folder); the package's short ``_target_`` names
 (``iPEAR``, ``TCI``, ...) resolve once it is imported.
