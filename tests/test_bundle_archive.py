@@ -149,12 +149,12 @@ def test_archive_check_reports_problems(archive, tmp_path):
          "README sections and links: docs/README.md lacks the 'Authors' section"),
         ("configs/inference.json", lambda d: d.replace(b'"_target_": "ExportableRegistrationNet"', b'"_target_": "iPEAR"'),
          "verify_net_in_out (network_def): "),
-        ("scripts/monai_ipear/", None, "verify_net_in_out (network_def)"),
+        ("scripts/monai_ipear/", None, ("verify_net_in_out (network_def)", "required files: missing scripts/monai_ipear/")),
     ]
     for i, (member, edit, expected) in enumerate(cases):
         bad = _rewrite(archive, tmp_path / f"{i}.zip", member, edit)
         failures = check_archive(bad, resolve=False, skip=QUICK)
-        assert any(f.startswith(expected) for f in failures), (member, expected, failures)
+        assert any(f.startswith(expected) for f in failures), (member, expected, failures)  # str or tuple of str
     # the README case also reports the link that leaves the archive
     bad = _rewrite(archive, tmp_path / "readme.zip", "docs/README.md", lambda d: d + b"\nsee [code](../monai_ipear/cli.py)\n")
     failures = check_archive(bad, resolve=False, skip=QUICK)
