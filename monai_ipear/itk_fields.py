@@ -291,6 +291,8 @@ def read_field(path: str) -> LoadedField:
                            tuple(field.GetLargestPossibleRegion().GetSize()), points=_field_points(field, []))
     img = nib.load(p)
     data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[-1] == 2 and data.shape[2] == 1:  # a 2D DDF is written (H, W, 1, 2)
+        data = data[:, :, 0, :]
     sd = data.shape[-1]
     if data.ndim - 1 != sd or sd not in (2, 3):
         raise ValueError(f"{p} is not a displacement field: expected (*spatial, d) voxels or a 5D ITK vector field, "
