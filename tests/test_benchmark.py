@@ -204,6 +204,23 @@ def _allocate(mib: int) -> float:
     return float(x[-1])
 
 
+def _measure_after_a_larger_peak(mib: int) -> dict:
+    from monai_ipear.benchmark.memory import measure_call_peak
+
+    big = torch.ones(3 * mib * 2**18)  # an earlier, larger peak (as a child inherits from a large parent)
+    del big
+    return measure_call_peak(_allocate, mib)
+
+
+def test_call_peak_is_not_hidden_by_an_earlier_larger_peak():
+    """ru_maxrss never falls, and a fork+exec child starts with its parent's: the call's own peak must still show."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        r = pool.apply(_measure_after_a_larger_peak, (300,))
+    assert r["peak_in_call"] and 250 < r["peak_rise_mb"] < 450, r
+
+
 def test_fresh_process_peak_memory_sees_the_allocation_every_time():
     """The in-process sampler reports ~0 once the allocator keeps memory; a fresh process per call does not."""
     import functools

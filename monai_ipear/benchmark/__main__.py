@@ -177,8 +177,9 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
                             memory=not a.no_memory, train_sizes=a.speed_train_sizes)
         notes.append(f"speed: pair '{pair_name}' resized (trilinear) to each size; {a.warmup} warm-up round(s), then "
                      f"{a.repeats} interleaved rounds (each method once per round), median; peak memory: one fresh "
-                     "process per row (CPU: peak resident set size of that process, ru_maxrss, which includes "
-                     "Python, torch and the weights; rise = over its size just before the call)")
+                     "process per row (CPU: peak resident set size of that process during the call, VmHWM reset "
+                     "just before it, which includes Python, torch and the weights; rise = over its size just "
+                     "before the call)")
     plots_dir = a.plots_dir or os.path.splitext(a.out)[0]
     plots = {}
     try:

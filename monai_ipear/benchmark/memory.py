@@ -1,10 +1,14 @@
 """Peak memory of one call, measured in a fresh process.
 
 Why a fresh process: within a long-running process the allocator keeps what earlier calls freed, so the resident
-set size hardly moves during a repeated call (the old sampler reported 0 MiB and identical figures), and
-``ru_maxrss`` only ever holds the largest value since the process started. A spawned process that loads the
-network and inputs and makes the call once has ``ru_maxrss`` (``resource.getrusage``) equal to the peak of that
-call whenever the call raises it above the loading phase, which is checked and reported.
+set size hardly moves during a repeated call (the old sampler reported 0 MiB and identical figures).
+
+CPU peak: Linux's high-water mark of the resident set (``VmHWM`` in ``/proc/self/status``), reset to the current
+resident size just before the call by writing ``5`` to ``/proc/self/clear_refs``. ``ru_maxrss`` is not used where
+the reset works: it only ever grows, and a child made by fork + exec starts with its *parent's* peak (Linux keeps
+it across ``execve``), so under a large parent (a long pytest run) it hid the call entirely. Where the reset is
+refused (non-Linux, restricted ``/proc``) the figure falls back to ``ru_maxrss`` and ``peak_in_call`` says
+whether the call raised it.
 
 On CUDA the figure is ``torch.cuda.max_memory_allocated`` (tensors only, no allocator cache) of that process.
 """
@@ -25,13 +29,37 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark to its current size (Linux >= 4.0); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    """``VmHWM`` of ``/proc/self/status`` in bytes, or None where it is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def measure_call_peak(call, *args, device: torch.device | str = "cpu") -> dict:
     """Run ``call(*args)`` once in *this* process and report its peak memory (MiB).
 
-    CPU: ``peak_mb`` = the process's peak resident set size after the call (``ru_maxrss``), ``peak_rise_mb`` = its
-    rise over the resident size just before the call, and ``peak_in_call`` = whether the call set the peak (if
-    not, the peak of the call is at most ``peak_mb``). CUDA: ``torch.cuda.max_memory_allocated`` and its rise.
-    Meant for a fresh process (:func:`peak_memory_in_fresh_process`).
+    CPU: ``peak_mb`` = the process's peak resident set size during the call (``VmHWM`` after resetting it just
+    before; fallback ``ru_maxrss``), ``peak_rise_mb`` = its rise over the resident size just before the call, and
+    ``peak_in_call`` = whether the figure is the call's own peak (always with the reset; with the fallback, whether
+    the call raised ``ru_maxrss``: if not, the call's peak is at most ``peak_mb``). CUDA:
+    ``torch.cuda.max_memory_allocated`` and its rise. Meant for a fresh process
+    (:func:`peak_memory_in_fresh_process`).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -43,6 +71,10 @@ def measure_call_peak(call, *args, device: torch.device | str = "cpu") -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mb": peak / 2**20, "peak_rise_mb": (peak - base) / 2**20, "peak_in_call": True}
     base = _rss_bytes()
+    if _reset_peak_rss() and _peak_rss_bytes() is not None:
+        call(*args)
+        peak = max(_peak_rss_bytes(), base)
+        return {"peak_mb": peak / 2**20, "peak_rise_mb": (peak - base) / 2**20, "peak_in_call": True}
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     call(*args)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
