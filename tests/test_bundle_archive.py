@@ -147,9 +147,12 @@ def test_archive_check_reports_problems(archive, tmp_path):
          "pre-commit hooks (JSON indent 4, YAML, whitespace, end of file, size, docstrings): configs/export.json: not formatted"),
         ("docs/README.md", lambda d: d.replace(b"## **Authors**", b"## Writers"),
          "README sections and links: docs/README.md lacks the 'Authors' section"),
-        ("configs/inference.json", lambda d: d.replace(b'"_target_": "ExportableRegistrationNet"', b'"_target_": "iPEAR"'),
-         "verify_net_in_out (network_def): "),
-        ("scripts/monai_ipear/", None, ("verify_net_in_out (network_def)", "required files: missing scripts/monai_ipear/")),
+        ("configs/inference.json", lambda d: _pretty_json(json.dumps({**json.loads(d), "network_def": {
+            "_target_": "iPEAR", "spatial_dims": "@spatial_dims"}})).encode(),  # the two-argument network
+         "verify_net_in_out (network_def): TypeError"),  # forward() missing 1 required positional argument: 'fixed'
+        ("scripts/monai_ipear/", None, "required files: missing scripts/monai_ipear/__init__.py"),
+        # without the code, the installed package is not used (the zoo's CI has none): the network cannot be built
+        ("scripts/monai_ipear/networks/", None, "verify_net_in_out (network_def)"),
     ]
     for i, (member, edit, expected) in enumerate(cases):
         bad = _rewrite(archive, tmp_path / f"{i}.zip", member, edit)
