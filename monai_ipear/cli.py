@@ -599,6 +599,9 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 2
     import inspect
 
+    from .runtime import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # full-resolution temporaries reuse freed memory (about 2x faster on CPU)
     known = list(inspect.signature(COMMANDS[argv[0]]).parameters)
     for arg in argv[1:]:  # reject unknown flags before anything runs (fire would run the command first)
         flag = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None

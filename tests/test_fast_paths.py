@@ -133,3 +133,71 @@ def test_crop_to_is_the_inverse_of_padding():
     x = torch.rand(2, 1, 5, 7)
     padded = torch.nn.functional.pad(x, (0, 1, 0, 3))
     assert torch.equal(crop_to(padded, (5, 7)), x)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("out_channels,in_channels,kernel", [(1, 2, 7), (3, 24, 3), (2, 5, 5)])
+def test_depth_split_conv_equals_the_plain_convolution_with_gradients(spatial_dims, out_channels, in_channels, kernel):
+    from monai_ipear.networks.blocks.farm import depth_split_conv
+
+    g = torch.Generator().manual_seed(3)
+    size = (9, 11, 6)[:spatial_dims]  # the last 3D axis is shorter than the 7-kernel
+    x = torch.randn(2, in_channels, *size, generator=g, requires_grad=True)
+    w = torch.randn(out_channels, in_channels, *([kernel] * spatial_dims), generator=g, requires_grad=True)
+    b = torch.randn(out_channels, generator=g, requires_grad=True)
+    conv = torch.nn.functional.conv2d if spatial_dims == 2 else torch.nn.functional.conv3d
+    ref = conv(x, w, b, padding=kernel // 2)
+    out = depth_split_conv(x, w, b)
+    assert out.shape == ref.shape
+    scale = ref.abs().max()
+    assert (out - ref).abs().max() <= 1e-5 * scale
+    grads = torch.autograd.grad((out * ref.detach()).sum(), (x, w, b))
+    grads_ref = torch.autograd.grad((ref * ref.detach()).sum(), (x, w, b))
+    for a, r in zip(grads, grads_ref):
+        assert (a - r).abs().max() <= 1e-5 * r.abs().max()
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (20, 18)), (3, (12, 10, 14))])
+def test_farm_fast_convolutions_and_channels_last_equal_reference(spatial_dims, size):
+    """FARM's depth-split SAB / Cl3 convolutions and the channels-last decoder weights change no value."""
+    import copy
+
+    from monai_ipear.networks.blocks.farm import FARM
+    from monai_ipear.networks.nets import use_channels_last
+
+    torch.manual_seed(0)
+    farm = FARM(spatial_dims, 8, 16)
+    ref = copy.deepcopy(farm)
+    ref.fast = False
+    use_channels_last(farm)
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    assert farm.cl3.conv.weight.is_contiguous(memory_format=fmt) and not farm.sab.conv.conv.weight.is_contiguous()
+    assert farm.sab.fast and not ref.sab.fast
+    m, f = torch.randn(2, 8, *size), torch.randn(2, 8, *size)
+    out, expected = farm(m, f), ref(m, f)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert farm.state_dict().keys() == ref.state_dict().keys()
+    net = monai_ipear.iPEAR(spatial_dims=spatial_dims)
+    conv_weights = [mod.weight for mod in net.decoders.modules() if isinstance(mod, torch.nn.modules.conv._ConvNd)
+                    and mod.weight.dim() == spatial_dims + 2]
+    assert conv_weights and all(w.is_contiguous(memory_format=fmt) for w in conv_weights)
+    use_reference_paths(net)
+    assert all(w.is_contiguous() for w in conv_weights) and not any(m.fast for m in net.modules() if isinstance(m, FARM))
+
+
+def test_keep_freed_cpu_memory_is_on_by_default_and_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "from monai_ipear.runtime import keep_freed_cpu_memory as k; print(k(), k())"
+    env = {k: v for k, v in os.environ.items() if k != "MONAI_IPEAR_KEEP_FREED_MEMORY"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "MONAI_IPEAR_KEEP_FREED_MEMORY": "0"},
+                         capture_output=True, text=True, check=True)
+    expected = "True True" if sys.platform.startswith("linux") else "False False"
+    assert on.stdout.split() == expected.split(), on.stderr
+    assert off.stdout.split() == ["False", "False"], off.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "MONAI_IPEAR_KEEP_FREED_MEMORY": "maybe"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "MONAI_IPEAR_KEEP_FREED_MEMORY must be a boolean" in bad.stderr

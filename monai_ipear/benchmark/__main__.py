@@ -108,6 +108,9 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="Markdown report path")
     p.add_argument("--plots-dir", default=None, help="default: <out without .md>/ next to the report")
     a = p.parse_args(argv)
+    from ..runtime import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # as the command-line tools run (see monai_ipear.runtime)
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "python -m monai_ipear.benchmark " + " ".join(shlex.quote(v) for v in argv)

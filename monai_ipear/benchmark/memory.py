@@ -83,6 +83,9 @@ def measure_call_peak(call, *args, device: torch.device | str = "cpu") -> dict:
 
 def _child(queue, call, args, device, threads):
     try:
+        from ..runtime import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()  # the same allocator setting as the timed process
         torch.set_num_threads(threads)
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         queue.put(measure_call_peak(call, *args, device=device))

@@ -12,16 +12,38 @@ from ...controllers.similarity import PreparedSimilarity
 from ..blocks.fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
 from ..utils import check_registration_pair
 
-__all__ = ["PyramidRegistrationNet", "use_reference_paths"]
+__all__ = ["PyramidRegistrationNet", "use_reference_paths", "use_channels_last"]
+
+
+def use_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Store the weights of every 2D/3D convolution in ``module`` channels-last (or back to contiguous).
+
+    A convolution whose weight is channels-last runs channels-last whatever the layout of its input (PyTorch's
+    rule for oneDNN and cuDNN) and returns a channels-last map, which the following element-wise ops keep. On the
+    development CPU this makes the full-resolution decoder convolutions 1.3-3x faster (a 16->16 channel 3x3x3
+    convolution at 160x192x160: 0.53 s -> 0.30 s; FARM's 24->3 output convolution: 0.88 s -> 0.30 s). Values are
+    those of the contiguous layout up to float rounding; ``state_dict`` keys and shapes do not change. Returns
+    ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and m.weight.dim() in (4, 5):
+            fmt = torch.contiguous_format
+            if enabled:
+                fmt = torch.channels_last if m.weight.dim() == 4 else torch.channels_last_3d
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+    return module
 
 
 def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
     """Switch every fast path inside ``module`` to its reference implementation (or back): neighborhood attention
-    by gathering (``implementation="gather"``) and warps by MONAI's ``Warp`` (``FieldComposer.fast = False``).
+    by gathering (``implementation="gather"``), warps by MONAI's ``Warp`` (``FieldComposer.fast = False``), FARM's
+    few-output convolutions as plain convolutions (``FARM.fast = False``) and contiguous decoder weights
+    (:func:`use_channels_last`).
 
     Both compute the same function (tests check fields within 1e-4 voxels and equal update counts); the reference
     paths exist to prove it and to measure the speed-up. Returns ``module``.
     """
+    from ..blocks.farm import FARM
     from ..blocks.fields import FieldComposer
     from ..blocks.neighborhood_attention import NeighborhoodAttention
 
@@ -30,6 +52,10 @@ def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
             m.implementation = "gather" if reference else "shifted"
         elif isinstance(m, FieldComposer):
             m.fast = not reference
+        elif isinstance(m, FARM):
+            m.fast = not reference
+        elif isinstance(m, PyramidRegistrationNet):
+            use_channels_last(m.decoders, not reference)
     return module
 
 
@@ -88,6 +114,8 @@ class PyramidRegistrationNet(nn.Module):
         self.unroll_training = unroll_training
         self.last_iterations: torch.Tensor | None = None
         self.last_similarities: list[torch.Tensor] = []
+        # the decoders run at up to full resolution: channels-last convolutions (the encoder gains nothing measurable)
+        use_channels_last(self.decoders)
 
     @property
     def controllers(self) -> list[IterationController]:
