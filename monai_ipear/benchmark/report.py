@@ -155,14 +155,16 @@ def format_report(
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     if training:
         out += ["", "## Training (same recipe and budget for every learned method)", ""] + training_table(training)
-    out += ["", "## Accuracy and cost on the test pairs", "",
-            "Mean (sample standard deviation) over pairs. Time: median of the timed calls per pair, then mean over "
-            "pairs. Updates per level: mean over pairs, coarsest level first.", ""]
-    out += accuracy_table(results, params)
+    if results:  # a speed-only run (no --methods) has no accuracy part
+        out += ["", "## Accuracy and cost on the test pairs", "",
+                "Mean (sample standard deviation) over pairs. Time: median of the timed calls per pair, then mean "
+                "over pairs. Updates per level: mean over pairs, coarsest level first.", ""]
+        out += accuracy_table(results, params)
     if speed:
         out += ["", "## Speed (one run, same process, so the ratios are comparable)", ""] + speed_table(speed)
-    if plots:
+    if plots and results:
         out += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
-    out += ["", "## Dice per label (%, mean over pairs)", "", "<details><summary>table</summary>", ""]
-    out += per_label_table(results, label_names) + ["", "</details>", ""]
-    return "\n".join(out)
+    if results:
+        out += ["", "## Dice per label (%, mean over pairs)", "", "<details><summary>table</summary>", ""]
+        out += per_label_table(results, label_names) + ["", "</details>", ""]
+    return "\n".join(out) + ("" if results else "\n")

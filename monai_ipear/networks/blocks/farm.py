@@ -204,6 +204,13 @@ class FARM(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         r = torch.cat([moving, fixed], dim=1)
         fused = self.sab(self.seb(r))
-        if self.rp is not None:
-            fused = torch.cat([fused, self.rp(r)], dim=1)
-        return _few_output_conv(self.cl3, fused, self._fast)
+        if self.rp is None:
+            return _few_output_conv(self.cl3, fused, self._fast)
+        if not self._fast or fused.device.type != "cpu" or _tracing():
+            return self.cl3(torch.cat([fused, self.rp(r)], dim=1))
+        # Cl3 of the concatenation = the sum of Cl3's two weight blocks applied to each part: no 3C/2-channel
+        # copy, and the attention output is freed before the residual pathway runs (lower peak memory)
+        weight, c = self.cl3.conv.weight, fused.shape[1]
+        out = depth_split_conv(fused, weight[:, :c], self.cl3.conv.bias)
+        del fused
+        return out + depth_split_conv(self.rp(r), weight[:, c:])
