@@ -107,10 +107,12 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--note", action="append", default=[], help="extra line for the report's notes")
     p.add_argument("--out", required=True, help="Markdown report path")
     p.add_argument("--plots-dir", default=None, help="default: <out without .md>/ next to the report")
+    from_command_line = argv is None
     a = p.parse_args(argv)
-    from ..runtime import keep_freed_cpu_memory
+    if from_command_line:  # as the command-line tools run (see monai_ipear.runtime); not when called from Python
+        from ..runtime import keep_freed_cpu_memory
 
-    keep_freed_cpu_memory()  # as the command-line tools run (see monai_ipear.runtime)
+        keep_freed_cpu_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "python -m monai_ipear.benchmark " + " ".join(shlex.quote(v) for v in argv)

@@ -81,11 +81,12 @@ def measure_call_peak(call, *args, device: torch.device | str = "cpu") -> dict:
     return {"peak_mb": after / 2**20, "peak_rise_mb": max(0, after - base) / 2**20, "peak_in_call": after > before}
 
 
-def _child(queue, call, args, device, threads):
+def _child(queue, call, args, device, threads, keep_freed):
     try:
-        from ..runtime import keep_freed_cpu_memory
+        if keep_freed:  # the same allocator setting as the timed process
+            from ..runtime import keep_freed_cpu_memory
 
-        keep_freed_cpu_memory()  # the same allocator setting as the timed process
+            keep_freed_cpu_memory()
         torch.set_num_threads(threads)
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         queue.put(measure_call_peak(call, *args, device=device))
@@ -99,7 +100,10 @@ def peak_memory_in_fresh_process(call, *args, device: torch.device | str = "cpu"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    proc = ctx.Process(target=_child, args=(queue, call, args, str(device), torch.get_num_threads()))
+    from ..runtime import keeps_freed_cpu_memory
+
+    proc = ctx.Process(target=_child, args=(queue, call, args, str(device), torch.get_num_threads(),
+                                            keeps_freed_cpu_memory()))
     proc.start()
     try:
         result = queue.get(timeout=timeout)
