@@ -20,7 +20,8 @@ process, :mod:`bundle.zoo_checks`):
 
 - pre-commit hooks of the zoo (``.pre-commit-config.yaml``): JSON formatted as ``pretty-format-json --indent=4
   --no-sort-keys`` writes it, YAML parses, no trailing whitespace, files end with one newline, no file over 1 MB
-  besides the large files, Python files start with their docstring;
+  besides the large files, Python files have one module docstring and it comes first (``check-docstring-first``: a
+  string at column 0 after it, e.g. an attribute docstring, fails), executable files start with a shebang;
 - README: the zoo template's sections (``docs/readme_template.md``) and no link to a file outside the archive;
 - requirements (``ci/get_bundle_requirements.py``): the pins the zoo installs, none naming the bundle's own
   package, and (``--python``, default 3.10 3.11 3.12) a dry-run ``pip install`` of them for each Python version
@@ -152,7 +153,10 @@ def build(model: str | None = None, out: str = "dist/ipear_registration.zip", we
     with zipfile.ZipFile(str(out), "w", compression=zipfile.ZIP_DEFLATED) as z:
         for arc, path in sorted(files.items()):
             z.write(path, f"{BUNDLE_NAME}/{arc}")
-        z.writestr(f"{BUNDLE_NAME}/large_files.yml", _large_files_yml(str(weights_url or ""), sha))
+        info = zipfile.ZipInfo(f"{BUNDLE_NAME}/large_files.yml", date_time=(2022, 5, 30, 0, 0, 0))
+        info.external_attr = 0o100644 << 16  # a regular file, rw-r--r-- (writestr's default is owner-only)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        z.writestr(info, _large_files_yml(str(weights_url or ""), sha))
     print(f"wrote {out} ({len(files) + 1} files; weights sha256 {sha[:12]}..., "
           f"{'packed' if pack_weights else 'not packed'}; url {weights_url or '(empty)'})")
     if check:
@@ -169,11 +173,35 @@ def _pretty_json(text: str) -> str:
     return json.dumps(json.loads(text), indent=4) + "\n"
 
 
+def _docstring_first(text: str) -> list[str]:
+    """The rule of the zoo's ``check-docstring-first`` hook (pre-commit-hooks): a string token that starts a line
+    (column 0) is a module docstring; it must be the only one and come before any code (attribute "docstrings"
+    after module-level assignments count as a second one: use ``#:`` comments)."""
+    import io
+    import tokenize
+
+    docstring_line = code_line = None
+    try:
+        for tok in tokenize.tokenize(io.BytesIO(text.encode("utf-8")).readline):
+            if tok.type == tokenize.STRING and tok.start[1] == 0:
+                if docstring_line is not None:
+                    return [f"{tok.start[0]}: second module docstring, first on line {docstring_line} "
+                            "(check-docstring-first)"]
+                if code_line is not None:
+                    return [f"{tok.start[0]}: module docstring after code on line {code_line} (check-docstring-first)"]
+                docstring_line = tok.start[0]
+            elif tok.type not in (tokenize.COMMENT, tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL,
+                                  tokenize.ENCODING) and code_line is None:
+                code_line = tok.start[0]
+    except (tokenize.TokenError, SyntaxError) as e:
+        return [f" does not tokenize: {e}"]
+    return []
+
+
 def check_precommit(root: str, large: set) -> list[str]:
     """zoo: ``.pre-commit-config.yaml`` (pre-commit-hooks: pretty-format-json, check-yaml, trailing-whitespace,
-    end-of-file-fixer, mixed-line-ending, check-added-large-files 1024 kB, check-docstring-first)."""
-    import ast
-
+    end-of-file-fixer, mixed-line-ending, check-added-large-files 1024 kB, check-docstring-first,
+    check-executables-have-shebangs)."""
     import yaml
 
     problems = []
@@ -207,12 +235,9 @@ def check_precommit(root: str, large: set) -> list[str]:
                 except yaml.YAMLError as e:
                     problems.append(f"{rel}: invalid YAML (check-yaml): {str(e).splitlines()[0]}")
             elif n.endswith(".py"):
-                tree = ast.parse(text)
-                body = tree.body
-                doc_at = next((i for i, s in enumerate(body) if isinstance(s, ast.Expr)
-                               and isinstance(getattr(s, "value", None), ast.Constant) and isinstance(s.value.value, str)), None)
-                if doc_at is not None and doc_at > 0:
-                    problems.append(f"{rel}: module docstring after code (check-docstring-first)")
+                problems.extend(f"{rel}:{p}" for p in _docstring_first(text))
+            if os.stat(path).st_mode & 0o111 and not text.startswith("#!"):
+                problems.append(f"{rel}: executable without a shebang (check-executables-have-shebangs)")
     return problems
 
 
@@ -363,7 +388,7 @@ def check_archive(archive: str, python: tuple = PYTHONS, resolve: bool = True, s
         if skip:
             cmd += ["--skip", *skip]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)  # not the root
         except subprocess.TimeoutExpired:
             report("zoo checks in a fresh process", [f"timed out after {timeout} s"])
             return failures

@@ -32,24 +32,35 @@ def report(check: str, status: str, detail: str = "") -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    """``Type: first line`` of ``e`` and of its root cause (MONAI's config errors wrap the real one)."""
+    def line(x):
+        text = str(x).strip().splitlines()
+        return f"{type(x).__name__}: {text[0] if text else ''}".rstrip()
+
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return line(e) if root is e else f"{line(e)} <- {line(root)}"
 
 
 class _BundledPackageOnly(importlib.abc.MetaPathFinder):
-    """``import monai_ipear`` finds only the copy in ``<root>/scripts`` (the zoo's CI has no installed one)."""
+    """``import monai_ipear`` finds only the copy in ``<root>/scripts`` (the zoo's CI has no installed one), and only
+    once ``<root>/scripts`` is on ``sys.path`` (``import scripts`` puts it there), as without an installed copy."""
 
     def __init__(self, scripts_dir: str) -> None:
-        self.scripts_dir = scripts_dir
+        self.scripts_dir = os.path.abspath(scripts_dir)
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "monai_ipear":
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, [self.scripts_dir])
+        spec = None
+        if any(os.path.abspath(p or os.getcwd()) == self.scripts_dir for p in sys.path):
+            spec = importlib.machinery.PathFinder.find_spec(fullname, [self.scripts_dir])
         if spec is None:
             raise ModuleNotFoundError(
-                f"monai_ipear is not in the bundle ({self.scripts_dir}/monai_ipear); the installed package is hidden "
-                "because the Model Zoo's CI does not have it.")
+                f"No module named 'monai_ipear': the installed package is hidden (the Model Zoo's CI does not have "
+                f"it) and the bundle's copy ({self.scripts_dir}/monai_ipear) is not on sys.path (or missing).",
+                name=fullname)
         return spec
 
 
@@ -190,7 +201,7 @@ ZOO_TRAIN_IDS = ("train#dataset#data", "validate#dataset#data", "train#inferer",
 ZOO_INFER_IDS = ("dataset#data", "handlers#0#_disabled_", "inferer", "dataset_dir", "datalist")
 
 
-def _workflow(root: str, workflow_type: str, config: str, overrides: dict, outputs, name: str) -> None:
+def _workflow(root: str, workflow_type: str, config, overrides: dict, outputs, name: str) -> None:
     """zoo: ``ci/unit_tests/utils.py`` ``check_workflow`` (initialize, check_properties, run, finalize) on a
     ``ConfigWorkflow`` as the zoo's unit tests build it; ``outputs(tmp)`` returns the problems with what it wrote."""
     from monai.bundle import ConfigWorkflow
@@ -198,7 +209,8 @@ def _workflow(root: str, workflow_type: str, config: str, overrides: dict, outpu
     with tempfile.TemporaryDirectory() as tmp:
         try:
             args = {k: (v.replace("{tmp}", tmp) if isinstance(v, str) else v) for k, v in overrides.items()}
-            wf = ConfigWorkflow(workflow_type=workflow_type, config_file=os.path.join(root, "configs", config),
+            files = [os.path.join(root, "configs", c) for c in ([config] if isinstance(config, str) else config)]
+            wf = ConfigWorkflow(workflow_type=workflow_type, config_file=files if len(files) > 1 else files[0],
                                 logging_file=os.path.join(root, "configs", "logging.conf"),
                                 meta_file=os.path.join(root, "configs", "metadata.json"), bundle_root=root, **args)
             ids = ZOO_TRAIN_IDS if workflow_type == "train" else ZOO_INFER_IDS
@@ -217,7 +229,9 @@ def _workflow(root: str, workflow_type: str, config: str, overrides: dict, outpu
             report(name, "fail", _first_line(e))
 
 
-def check_workflows(root: str) -> None:
+def check_workflows(root: str, skip=()) -> None:
+    """The zoo unit tests' workflow runs; ``skip``: any of ``train``, ``inference``, ``evaluate``,
+    ``evaluate_on_train`` (for quick tests)."""
     tiny = {"synthetic#spatial_size": 16, "synthetic#num_labels": 2, "device": "$torch.device('cpu')"}
 
     def infer_outputs(tmp):
@@ -226,16 +240,25 @@ def check_workflows(root: str) -> None:
         problems = [f"no *{s}" for s in need if not any(n.endswith(s) for n in written)]
         return problems + ([] if "iterations.csv" in written else ["no iterations.csv"])
 
-    _workflow(root, "infer", "inference.json", {**tiny, "synthetic#num_pairs": 1, "output_dir": "{tmp}"},
-              infer_outputs, "workflow inference (infer properties, run)")
-    _workflow(root, "infer", "evaluate.json", {**tiny, "synthetic#num_pairs": 1, "output_dir": "{tmp}",
-                                               "surface_metrics": False},
-              lambda tmp: [] if os.path.isfile(os.path.join(tmp, "metrics.csv")) else ["no metrics.csv"],
-              "workflow evaluate (infer properties, run)")
-    _workflow(root, "train", "train.json", {**tiny, "num_train_pairs": 2, "num_val_pairs": 1, "max_epochs": 1,
-                                            "ckpt_dir": "{tmp}", "output_dir": "{tmp}/runs"},
-              lambda tmp: [] if glob.glob(os.path.join(tmp, "model*.pt")) else ["no checkpoint written"],
-              "workflow train (train properties, run)")
+    # the zoo unit tests' order (test_order: train, evaluate, inference); the first one imports the bundle's code
+    evaluate = {**tiny, "synthetic#num_pairs": 1, "output_dir": "{tmp}", "surface_metrics": False}
+    metrics = lambda tmp: [] if os.path.isfile(os.path.join(tmp, "metrics.csv")) else ["no metrics.csv"]  # noqa: E731
+    runs = [
+        ("train", "train", "train.json", {**tiny, "num_train_pairs": 2, "num_val_pairs": 1, "max_epochs": 1,
+                                          "ckpt_dir": "{tmp}", "output_dir": "{tmp}/runs"},
+         lambda tmp: [] if glob.glob(os.path.join(tmp, "model*.pt")) else ["no checkpoint written"],
+         "workflow train (train properties, run)"),
+        ("inference", "infer", "inference.json", {**tiny, "synthetic#num_pairs": 1, "output_dir": "{tmp}"},
+         infer_outputs, "workflow inference (infer properties, run)"),
+        ("evaluate", "infer", "evaluate.json", evaluate, metrics, "workflow evaluate (infer properties, run)"),
+        # the zoo's unit tests (e.g. test_spleen_ct_segmentation.py) also run evaluate.json layered on train.json as
+        # a "train" workflow: train.json's expressions must still resolve with evaluate.json's imports / initialize
+        ("evaluate_on_train", "train", ["train.json", "evaluate.json"], evaluate, metrics,
+         "workflow evaluate layered on train (train properties, run)"),
+    ]
+    for key, workflow_type, config, overrides, outputs, name in runs:
+        if key not in skip:
+            _workflow(root, workflow_type, config, overrides, outputs, name)
 
 
 def check_self_contained(root: str) -> None:
@@ -250,23 +273,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", required=True, help="unpacked bundle folder")
     ap.add_argument("--schema", required=True, help="metadata JSON schema file")
-    ap.add_argument("--skip", nargs="*", default=[], help="checks to skip: workflows, export")
+    ap.add_argument("--skip", nargs="*", default=[], help="checks to skip: workflows (all of them) or train, inference, evaluate, "
+                                                         "evaluate_on_train; export")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root)
-    os.chdir(root)
-    sys.path.insert(0, root)  # as ci/verify_bundle.py does
     sys.meta_path.insert(0, _BundledPackageOnly(os.path.join(root, "scripts")))
     warnings.filterwarnings("ignore")
     try:
         check_large_files(root)
+        if "workflows" not in args.skip:
+            # first, while neither the bundle root nor the working folder is on ``sys.path`` and nothing imported the
+            # bundle's code: as ``python -m monai.bundle run ... --bundle_root <root>`` started in another folder.
+            # The configs' ``initialize`` must find ``scripts/`` themselves (the zoo's unit tests put the root on
+            # ``sys.path`` first; that case is the one of every check below).
+            check_workflows(root, skip=args.skip)
+        os.chdir(root)
+        sys.path.insert(0, root)  # as ci/verify_bundle.py does
         check_directory(root)
         check_version(root)
         check_metadata_schema(root, os.path.abspath(args.schema))
         check_net_in_out(root)
         if "export" not in args.skip:
             check_ckpt_export(root)
-        if "workflows" not in args.skip:
-            check_workflows(root)
         check_self_contained(root)
     except Exception as e:  # a crash of the checker itself is a failure too
         report("zoo checks", "fail", _first_line(e) + " | " + traceback.format_exc().strip().splitlines()[-1])

@@ -24,6 +24,8 @@ from bundle.make_bundle import (
 )
 
 QUICK = ("workflows", "export")  # the negative cases below need neither
+with open(os.path.join(REPO, "monai_ipear", "export.py"), encoding="utf-8") as _f:
+    _EXPORT_LINES = len(_f.read().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,8 @@ def test_archive_passes_every_zoo_check(archive, capsys):
                   "large files: download and hash: models/model.pt (downloaded from file://",
                   "necessary and preferred files", "version and changelog", "metadata schema: meta_schema_20240725",
                   "verify_net_in_out (network_def)", "ckpt_export export_network_def (TorchScript tracing)",
-                  "workflow inference", "workflow evaluate", "workflow train",
+                  "workflow inference", "workflow evaluate (infer", "workflow train",
+                  "workflow evaluate layered on train (train properties, run)",
                   "self-contained code (monai_ipear from scripts/): monai_ipear imported from scripts/monai_ipear"):
         assert f"[ok] {check}" in out, check
     # the zoo's scripting export does not apply (stated; zoo: exclude_verify_torchscript_list), and says why
@@ -145,6 +148,10 @@ def test_archive_check_reports_problems(archive, tmp_path):
          "requirements (zoo pins): requirement 'monai-ipear==0.1.0' names the bundle's own package"),
         ("configs/export.json", lambda d: json.dumps(json.loads(d)).encode() + b"\n",
          "pre-commit hooks (JSON indent 4, YAML, whitespace, end of file, size, docstrings): configs/export.json: not formatted"),
+        # an attribute "docstring" after a module-level assignment: the zoo's check-docstring-first hook rejects it
+        ("scripts/monai_ipear/export.py", lambda d: d + b'X = 1\n"""what X is."""\n',
+         "pre-commit hooks (JSON indent 4, YAML, whitespace, end of file, size, docstrings): "
+         f"scripts/monai_ipear/export.py:{_EXPORT_LINES + 2}: second module docstring"),
         ("docs/README.md", lambda d: d.replace(b"## **Authors**", b"## Writers"),
          "README sections and links: docs/README.md lacks the 'Authors' section"),
         ("configs/inference.json", lambda d: _pretty_json(json.dumps({**json.loads(d), "network_def": {
@@ -158,6 +165,15 @@ def test_archive_check_reports_problems(archive, tmp_path):
         bad = _rewrite(archive, tmp_path / f"{i}.zip", member, edit)
         failures = check_archive(bad, resolve=False, skip=QUICK)
         assert any(f.startswith(expected) for f in failures), (member, expected, failures)  # str or tuple of str
+    # train.json run from another folder (the bundle root not on sys.path, no installed package): its expressions
+    # use `monai_ipear`, which only the configs' `initialize` can import; without re-binding it there they fail
+    drop = b'        "$import monai_ipear",\n'
+    bad = _rewrite(archive, tmp_path / "init.zip", "configs/train.json", lambda d: d.replace(drop, b"", 1))
+    failures = check_archive(bad, resolve=False, skip=("export", "inference", "evaluate", "evaluate_on_train"))
+    workflow = [f for f in failures if f.startswith("workflow")]
+    assert len(workflow) == 1 and workflow[0].startswith(
+        "workflow train (train properties, run): RuntimeError: Failed to evaluate ConfigExpression: <- "
+        "OptionalImportError: import monai_ipear (No module named 'monai_ipear'"), failures
     # the README case also reports the link that leaves the archive
     bad = _rewrite(archive, tmp_path / "readme.zip", "docs/README.md", lambda d: d + b"\nsee [code](../monai_ipear/cli.py)\n")
     failures = check_archive(bad, resolve=False, skip=QUICK)

@@ -26,9 +26,9 @@ __all__ = ["VoxelMorphDDF", "BenchmarkMethod", "build_method", "METHOD_NAMES", "
 
 METHOD_NAMES = ("ipear", "rpnet", "iirpnet", "ipear-fixed3", "voxelmorph", "elastix-affine", "elastix-bspline", "ants-syn",
                 "ipear-single", "rpnet-fixed3")
+#: method -> the trained weights it uses (the architecture trained by the recipe).
 LEARNED_METHODS = {"ipear": "ipear", "ipear-fixed3": "ipear", "rpnet": "rpnet", "iirpnet": "rpnet", "voxelmorph": "voxelmorph",
                    "ipear-single": "ipear", "rpnet-fixed3": "rpnet"}
-"""method -> the trained weights it uses (the architecture trained by the recipe)."""
 
 DISPLAY = {
     "ipear": "iPEAR (TCI)", "ipear-fixed3": "iPEAR, fixed 3 iterations", "rpnet": "RP-Net (single pass)",

@@ -49,6 +49,7 @@ __all__ = [
 FORMAT = "monai_ipear.pretrained/1"
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipear_ixi_t1_2mm.pt")
 
+#: Preprocessing of the IXI training data (``python -m monai_ipear.preprocessing``), which the pipeline repeats.
 DEFAULT_PREPROCESSING = {
     "axcodes": "RAS",
     "mask": "brain mask applied to the image (training: DLMUSE label > 0)",
@@ -58,7 +59,6 @@ DEFAULT_PREPROCESSING = {
     "prealign": {"method": "elastix", "transform": "affine", "metric": "AdvancedMattesMutualInformation",
                  "num_iterations": 256, "num_resolutions": 3},
 }
-"""Preprocessing of the IXI training data (``python -m monai_ipear.preprocessing``), which the pipeline repeats."""
 
 
 class PretrainedModelError(ValueError):
