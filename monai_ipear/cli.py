@@ -339,7 +339,7 @@ def _register_pipeline(fixed, moving, out_dir, moving_label, model, prealign, co
             extra[k] = _check_file(v, k.replace("_", "-"))
     dev = _device(device)
     name = pair_name(moving, fixed)
-    for suffix in ("warped.nii.gz", "ddf.nii.gz", "warped_label.nii.gz", "summary.json"):
+    for suffix in ("warped.nii.gz", "ddf.nii.gz", "ddf_itk.nii.gz", "warped_label.nii.gz", "summary.json"):
         _refuse_overwrite(os.path.join(str(out_dir), f"{name}_{suffix}"), fixed, moving, *extra.values())
     steps = _progress(3, f"register {name}")
     images = {"fixed": _load(fixed, "fixed"), "moving": _load(moving, "moving")}

@@ -351,9 +351,12 @@ class RegistrationPipeline:
     # ---------------------------------------------------------------- outputs
     def write(self, result: dict, out_dir: str, name: str, ddf_units: str = "voxel") -> dict:
         """Write ``<name>_warped.nii.gz`` (float32, original units), ``<name>_ddf.nii.gz`` (last axis: one
-        component per array axis; ``voxel`` or ``mm`` along the world axes), ``<name>_warped_label.nii.gz``
-        (integers) and ``<name>_summary.json``, all with the fixed image's affine. Returns the paths."""
+        component per array axis; ``voxel`` or ``mm`` along the world axes), ``<name>_ddf_itk.nii.gz`` (the same
+        composed field for ITK, SimpleITK and ANTs: 5D vector NIfTI, intent 1007, LPS millimetres; applied to the
+        raw moving file, see :mod:`monai_ipear.itk_fields`), ``<name>_warped_label.nii.gz`` (integers) and
+        ``<name>_summary.json``, all with the fixed image's affine. Returns the paths."""
         from .engines import ddf_to_mm
+        from .itk_fields import write_itk_displacement_field
 
         if ddf_units not in ("voxel", "mm"):
             raise ValueError(f"ddf_units must be 'voxel' or 'mm', got {ddf_units!r}.")
@@ -365,6 +368,10 @@ class RegistrationPipeline:
         save(result["warped_image"], aff, paths["warped"])
         field = result["ddf"] if ddf_units == "voxel" else ddf_to_mm(result["ddf"], aff)
         save(field, aff, paths["ddf"])
+        # the composed field maps a fixed voxel i to the world point A_f (i + ddf(i)) of the moving scan, so its
+        # physical displacement is the fixed affine's linear part applied to ddf: the ITK field on the fixed grid
+        paths["ddf_itk"] = write_itk_displacement_field(result["ddf"], np.asarray(result["fixed_affine"]),
+                                                        f"{prefix}_ddf_itk.nii.gz")
         if "warped_label" in result:
             lab = result["warped_label"]
             dtype = np.int16 if float(lab.abs().max()) <= np.iinfo(np.int16).max else np.int32

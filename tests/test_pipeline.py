@@ -258,6 +258,24 @@ def test_field_warps_the_raw_moving_file_on_another_grid(tmp_path):
     assert np.array_equal(nib.load(str(tmp_path / "l.nii.gz")).get_fdata(), nib.load(written["warped_label"]).get_fdata())
     summary = json.loads(open(written["summary_json"]).read())
     assert summary["iterations_per_level"] == [1, 2, 3, 4] and summary["summary"] == written["summary"]
+    # the same composed field for ITK (5D vector NIfTI, intent 1007, LPS mm): ITK's resampler applies it to the raw
+    # moving file on its own grid and gives the written warped image (inside the brain; borders: padding differs)
+    import itk
+
+    itk_file = nib.load(written["ddf_itk"])
+    assert itk_file.shape == pair["fixed"].shape[1:] + (1, 3) and int(itk_file.header["intent_code"]) == 1007
+    field = itk.imread(written["ddf_itk"])
+    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    field_d = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
+    field_d.CopyInformation(field)
+    transform.SetDisplacementField(field_d)
+    by_itk = itk.resample_image_filter(itk.imread(files["moving"], itk.F), transform=transform,
+                                       use_reference_image=True, reference_image=itk.imread(files["fixed"], itk.F))
+    by_itk = np.transpose(itk.array_from_image(by_itk), (2, 1, 0))
+    mask = pair["fixed_mask"][0].numpy() > 0
+    warped = nib.load(written["warped"]).get_fdata()
+    assert np.abs(by_itk - warped)[mask].max() < 1e-5 * np.abs(warped[mask]).max(), np.abs(by_itk - warped)[mask].max()
+    assert np.abs(warped - nib.load(files["moving"]).get_fdata())[mask].max() > 10.0  # the field moves the image
 
 
 def test_warp_to_fixed_equals_monai_warp_on_the_same_grid():
@@ -313,8 +331,8 @@ def test_register_cli_uses_the_packaged_model_and_bundle_runs_the_same_pipeline(
     assert rc == 0
     line = [ln for ln in printed.splitlines() if ln.startswith("summary: ")]
     assert len(line) == 1 and "updates per level 1..4" in line[0] and "folding" in line[0]
-    assert sorted(os.listdir(out)) == ["moving_to_fixed_ddf.nii.gz", "moving_to_fixed_summary.json",
-                                       "moving_to_fixed_warped.nii.gz"]
+    assert sorted(os.listdir(out)) == ["moving_to_fixed_ddf.nii.gz", "moving_to_fixed_ddf_itk.nii.gz",
+                                       "moving_to_fixed_summary.json", "moving_to_fixed_warped.nii.gz"]
     assert np.allclose(nib.load(str(out / "moving_to_fixed_ddf.nii.gz")).affine, nib.load(files["fixed"]).affine, atol=1e-5)
     from monai.bundle import run
 
@@ -323,7 +341,7 @@ def test_register_cli_uses_the_packaged_model_and_bundle_runs_the_same_pipeline(
         fixed_image=files["fixed"], moving_image=files["moving"], fixed_mask=files["fixed_mask"],
         moving_mask=files["moving_mask"], prealign="none", output_dir=str(bundle_out),
         meta_file=os.path.join(REPO, "configs", "metadata.json"), logging_file=os.path.join(REPO, "configs", "logging.conf"))
-    for suffix in ("ddf", "warped"):
+    for suffix in ("ddf", "ddf_itk", "warped"):
         a = nib.load(str(out / f"moving_to_fixed_{suffix}.nii.gz")).get_fdata()
         b = nib.load(str(bundle_out / f"moving_to_fixed_{suffix}.nii.gz")).get_fdata()
         assert np.allclose(a, b, atol=1e-5), suffix
