@@ -22,7 +22,8 @@ process, :mod:`bundle.zoo_checks`):
   --no-sort-keys`` writes it, YAML parses, no trailing whitespace, files end with one newline, no file over 1 MB
   besides the large files, Python files have one module docstring and it comes first (``check-docstring-first``: a
   string at column 0 after it, e.g. an attribute docstring, fails), executable files start with a shebang;
-- README: the zoo template's sections (``docs/readme_template.md``) and no link to a file outside the archive;
+- README: the zoo template's sections (``docs/readme_template.md``), TorchScript and TensorRT support stated, and no
+  link to a file outside the archive;
 - requirements (``ci/get_bundle_requirements.py``): the pins the zoo installs, none naming the bundle's own
   package, and (``--python``, default 3.10 3.11 3.12) a dry-run ``pip install`` of them for each Python version
   against the package index (``--no-resolve`` skips that; it needs the index);
@@ -250,6 +251,11 @@ def check_readme(root: str) -> list[str]:
     for section in README_SECTIONS:
         if not any(h.startswith(section.lower()) for h in headings):
             problems.append(f"docs/README.md lacks the '{section}' section of the zoo template")
+    # the zoo excludes bundles from its TorchScript check (exclude_verify_torchscript_list) and includes them in its
+    # TensorRT check (include_verify_tensorrt_dict) by hand: the README must say what is supported
+    for term in ("TorchScript", "TensorRT"):
+        if term not in readme:
+            problems.append(f"docs/README.md does not state whether {term} export is supported")
     for dirpath, _, names in os.walk(root):
         for n in names:
             if not n.endswith(".md"):
@@ -374,7 +380,7 @@ def check_archive(archive: str, python: tuple = PYTHONS, resolve: bool = True, s
             pass
         report("pre-commit hooks (JSON indent 4, YAML, whitespace, end of file, size, docstrings)",
                check_precommit(root, large))
-        report("README sections and links", check_readme(root))
+        report("README sections and links (TorchScript, TensorRT stated)", check_readme(root))
         try:
             with open(os.path.join(root, "configs", "metadata.json")) as f:
                 meta = json.load(f)

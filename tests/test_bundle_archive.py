@@ -153,7 +153,10 @@ def test_archive_check_reports_problems(archive, tmp_path):
          "pre-commit hooks (JSON indent 4, YAML, whitespace, end of file, size, docstrings): "
          f"scripts/monai_ipear/export.py:{_EXPORT_LINES + 2}: second module docstring"),
         ("docs/README.md", lambda d: d.replace(b"## **Authors**", b"## Writers"),
-         "README sections and links: docs/README.md lacks the 'Authors' section"),
+         "README sections and links (TorchScript, TensorRT stated): docs/README.md lacks the 'Authors' section"),
+        ("docs/README.md", lambda d: d.replace(b"TensorRT", b"TRT"),
+         "README sections and links (TorchScript, TensorRT stated): docs/README.md does not state whether TensorRT "
+         "export is supported"),
         ("configs/inference.json", lambda d: _pretty_json(json.dumps({**json.loads(d), "network_def": {
             "_target_": "iPEAR", "spatial_dims": "@spatial_dims"}})).encode(),  # the two-argument network
          "verify_net_in_out (network_def): TypeError"),  # forward() missing 1 required positional argument: 'fixed'
@@ -177,5 +180,5 @@ def test_archive_check_reports_problems(archive, tmp_path):
     # the README case also reports the link that leaves the archive
     bad = _rewrite(archive, tmp_path / "readme.zip", "docs/README.md", lambda d: d + b"\nsee [code](../monai_ipear/cli.py)\n")
     failures = check_archive(bad, resolve=False, skip=QUICK)
-    assert failures == ["README sections and links: docs/README.md: link '../monai_ipear/cli.py' points outside the "
+    assert failures == ["README sections and links (TorchScript, TensorRT stated): docs/README.md: link '../monai_ipear/cli.py' points outside the "
                         "archive or to a missing file"], failures
