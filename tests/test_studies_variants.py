@@ -42,7 +42,7 @@ def test_variants_study_command(tmp_path):
         np.testing.assert_allclose(r["identity_dice_per_pair"], identity, atol=1e-6)
         assert 0.0 < r["identity_dice"] < 1.0 and 0.0 <= r["trained_dice"] <= 1.0
         assert len(r["trained_dice_per_pair"]) == 2 and r["folding_pct"] >= 0.0
-        assert r["train_s"] > 0 and r["eval_s"] > 0
+        assert r["train_s"] > 0 and r["train_cpu_s"] > 0 and r["eval_s"] > 0
     assert rows["iirp"]["steps"] == 4 and rows["iirp"]["epochs"] == 2 and rows["iirp"]["lr"] == 1e-4
     # SM-GICNet keeps its level-wise schedule (4/4/6/6 epochs): at least one update per epoch, all 4 levels reached
     sm = rows["smgicnet"]
@@ -72,3 +72,9 @@ def test_variants_study_command(tmp_path):
     assert len(lines) == 2
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
     assert cells[4] == f"{100 * rows['iirp']['identity_dice']:.1f}" and cells[5] == f"{100 * rows['iirp']['trained_dice']:.1f}"
+    better = sum(t > i for t, i in zip(rows["iirp"]["trained_dice_per_pair"], identity))
+    assert cells[7] == f"{better}/2"
+    # --table re-renders the same Markdown from the JSON alone (no training)
+    (tmp_path / "variants.md").unlink()
+    variants_main(["--table", str(out)])
+    assert (tmp_path / "variants.md").read_text() == table

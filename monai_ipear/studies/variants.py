@@ -1,7 +1,7 @@
 """Short bundle training of each variant config on the bundle's synthetic pairs, scored against no registration.
 
     python -m monai_ipear.studies.variants --variants ipear sacbnet ran smgicnet iirp \\
-        --spatial_dims 2 --spatial_size 64 --steps 400 --threads 1 --out docs/variants_synthetic.json
+        --spatial_dims 2 --spatial_size 64 --steps 1000 --threads 1 --out docs/variants/synthetic_2d.json
 
 For each variant, through ``monai.bundle`` (nothing here trains or scores by itself):
 
@@ -16,14 +16,16 @@ For each variant, through ``monai.bundle`` (nothing here trains or scores by its
    the variant config's;
 2. the evaluation workflow of ``configs/evaluate.json`` merged with the same variant file, loading the run's
    ``models/model_final.pt``, on the synthetic validation pairs (the ones the training validated on: same
-   generator settings, seeds 100000...), surface metrics off; its ``eval/summary.json`` gives the mean Dice
-   (labels present in both maps, background excluded) and folding;
+   generator settings, seeds 100000...), surface metrics off; its per-pair rows (``eval/metrics.csv``) give the
+   Dice (mean over the labels present in both maps, background excluded) and folding;
 3. the identity baseline: the same Dice (:func:`~monai_ipear.metrics.pair_registration_metrics`) of the
    unregistered moving label maps of those pairs.
 
 The trainer's own final validation (MONAI ``MeanDice`` of the warped and of the unregistered moving labels, the
 bundle's ``val_mean_dice`` / ``val_identity_dice``) is recorded next to it as a cross-check. Writes a JSON file
-of the results and a Markdown table beside it (``.md``), and prints the table.
+of the results and a Markdown table beside it (``.md``), and prints the table; ``--table JSON`` only re-renders
+the table of an earlier run. ``--override KEY=VALUE`` adds training overrides for every variant (e.g. ``lr=0.001``):
+a departure from the recipes, shown next to the variant's name in the table.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -92,7 +95,7 @@ def run_variant(
     configs: str | None = None,
     spatial_dims: int = 2,
     spatial_size: int = 64,
-    steps: int = 400,
+    steps: int = 1000,
     epochs: int = 2,
     num_train_pairs: int = 40,
     num_val_pairs: int = 8,
@@ -104,7 +107,9 @@ def run_variant(
     Returns a dict: ``variant``, ``config_files``, ``parameters``, ``steps`` (updates run), ``epochs``,
     ``epoch_length``, ``stages`` (level-wise variants: stage epochs and the stage reached), ``identity_dice`` and
     ``trained_dice`` (mean over validation pairs, in [0, 1]) with per-pair lists, ``folding_pct``,
-    ``val_mean_dice`` / ``val_identity_dice`` (the trainer's validation), ``final_loss``, ``train_s``, ``eval_s``.
+    ``val_mean_dice`` / ``val_identity_dice`` (the trainer's validation), ``final_loss``, ``train_s`` (wall clock, with the
+    workflow's set-up and final validation), ``train_cpu_s`` (CPU time of this process over it: with one thread, about
+    the wall time on an idle machine), ``load_average`` (1-minute, before and after training), ``eval_s``.
     ``override``: more training-workflow overrides (e.g. ``{"lr": 1e-3}``), recorded in the result; they depart
     from the variant's recipe.
     """
@@ -129,10 +134,11 @@ def run_variant(
         train_override["max_epochs"] = n_epochs
     train_override.update(override or {})
     log(f"[{name}] training: {n_epochs} epochs x {epoch_length} iterations, {spatial_dims}D size {spatial_size}")
-    start = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    start, cpu_start = time.perf_counter(), time.process_time()
     wf = _workflow(files, configs, **train_override)
     wf.run()
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     trainer = wf.parser.get_parsed_content("train#trainer")
     metrics = dict(wf.parser.get_parsed_content("validate#evaluator").state.metrics)
     network = wf.parser.get_parsed_content("network")
@@ -155,6 +161,8 @@ def run_variant(
         "val_mean_dice": float(metrics.get("val_mean_dice", float("nan"))),
         "val_identity_dice": float(metrics.get("val_identity_dice", float("nan"))),
         "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
+        "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
     }
     wf.finalize()
 
@@ -172,7 +180,7 @@ def run_variant(
     result["identity_dice"] = sum(result["identity_dice_per_pair"]) / len(rows)
     result["folding_pct"] = sum(float(r["folding_pct"]) for r in rows) / len(rows)
     log(f"[{name}] Dice identity {result['identity_dice']:.4f} -> trained {result['trained_dice']:.4f} "
-        f"({result['steps']} steps, {train_s:.0f} s training)")
+        f"({result['steps']} steps, training {train_s:.0f} s wall, {train_cpu_s:.0f} s CPU)")
     return result
 
 
@@ -194,28 +202,33 @@ def run_variants_study(variants: Sequence[str] = DEFAULT_VARIANTS, work_dir: str
 
 
 def format_variants_table(study: dict) -> str:
-    """Markdown table of :func:`run_variants_study`'s output (Dice in %, mean over the validation pairs)."""
+    """Markdown table of :func:`run_variants_study`'s output (Dice in %, mean over the validation pairs; "pairs
+    better": validation pairs whose Dice after registration exceeds their identity Dice)."""
     lines = [
         "| variant | parameters | steps (epochs x iterations) | lr | Dice identity | Dice trained | gain "
-        "| folding % | trainer validation, identity / trained | training (s) | evaluation (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pairs better | folding % | trainer validation, identity / trained | training wall (CPU) s | evaluation s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in study["results"]:
         schedule = f"{r['steps']} ({r['epochs']} x {r['epoch_length']})"
         if r.get("stages"):
             schedule += f", stages {'/'.join(map(str, r['stages']['stage_epochs']))} epochs, " \
                         f"{r['stages']['active_levels']} levels active at the end"
+        pairs = list(zip(r["trained_dice_per_pair"], r["identity_dice_per_pair"]))
+        better = sum(t > i for t, i in pairs)
         name = r["variant"] + (" (" + ", ".join(f"{k}={v}" for k, v in r["override"].items()) + ")" if r.get("override") else "")
         lines.append(
             f"| {name} | {r['parameters']:,} | {schedule} | {r['lr']:g} | {100 * r['identity_dice']:.1f} "
             f"| {100 * r['trained_dice']:.1f} | {100 * (r['trained_dice'] - r['identity_dice']):+.1f} "
-            f"| {r['folding_pct']:.3f} | {100 * r['val_identity_dice']:.1f} / {100 * r['val_mean_dice']:.1f} "
-            f"| {r['train_s']:.0f} | {r['eval_s']:.0f} |"
+            f"| {better}/{len(pairs)} | {r['folding_pct']:.3f} | {100 * r['val_identity_dice']:.1f} / {100 * r['val_mean_dice']:.1f} "
+            f"| {r['train_s']:.0f} ({r['train_cpu_s']:.0f}) | {r['eval_s']:.0f} |"
         )
     s = study["settings"]
+    loads = [v for r in study["results"] for v in r.get("load_average", []) if v == v]
+    load = f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} around the trainings" if loads else ""
     lines += ["", f"{s.get('spatial_dims', 2)}D synthetic pairs of size {s.get('spatial_size', 64)}, "
               f"{s.get('num_train_pairs', 40)} training and {s.get('num_val_pairs', 8)} validation pairs; "
-              f"{study['machine']}."]
+              f"{study['machine']}{load}."]
     return "\n".join(lines)
 
 
@@ -239,7 +252,7 @@ def variants_main(argv: Sequence[str] | None = None) -> dict:
                    help="names of configs/variants/*.json; 'ipear' = configs/train.json alone")
     p.add_argument("--spatial_dims", type=int, default=2, choices=(2, 3))
     p.add_argument("--spatial_size", type=int, default=64, help="synthetic image size per axis (voxels)")
-    p.add_argument("--steps", type=int, default=400, help="optimiser updates per variant (batch 1)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser updates per variant (batch 1)")
     p.add_argument("--epochs", type=int, default=2,
                    help="epochs the steps are split over (train.json's default 2); level-wise variants keep theirs")
     p.add_argument("--num_train_pairs", type=int, default=40)
@@ -250,7 +263,14 @@ def variants_main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--bundle", default=None, help="bundle root with configs/ (default: this repository)")
     p.add_argument("--work_dir", default=None, help="keep the runs (bundle roots) here (default: a removed temp dir)")
     p.add_argument("--out", default=None, help="JSON file of the results; the Markdown table is written beside it")
+    p.add_argument("--table", default=None, metavar="JSON",
+                   help="only (re)write the Markdown table beside an existing results JSON; trains nothing")
     a = p.parse_args(argv)
+    if a.table:
+        with open(a.table) as f:
+            study = json.load(f)
+        _write_table(study, a.table)
+        return study
     torch.set_num_threads(a.threads)
     study = run_variants_study(
         a.variants, work_dir=a.work_dir, configs=bundle_config_dir(a.bundle), spatial_dims=a.spatial_dims,
@@ -258,16 +278,22 @@ def variants_main(argv: Sequence[str] | None = None) -> dict:
         num_val_pairs=a.num_val_pairs, override=_parse_overrides(a.override),
     )
     study["settings"].pop("configs", None)
-    study["command"] = "python -m monai_ipear.studies.variants " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    table = format_variants_table(study)
-    print(table)
+    study["command"] = "python -m monai_ipear.studies.variants " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(study, f, indent=1)
-        with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
-            f.write(f"`{study['command']}`\n\n{table}\n")
+    _write_table(study, a.out)
     return study
+
+
+def _write_table(study: dict, json_path: str | None) -> None:
+    """Print the table; with ``json_path``, write it (after the command) to the ``.md`` file beside the JSON."""
+    table = format_variants_table(study)
+    print(table)
+    if json_path:
+        with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
+            f.write(f"`{study['command']}`\n\n{table}\n")
 
 
 if __name__ == "__main__":
