@@ -27,7 +27,7 @@ def test_variants_study_command(tmp_path):
     try:
         variants_main(["--variants", "iirp", "smgicnet", "--spatial_dims", "2", "--spatial_size", "64", "--steps", "4",
                        "--num_train_pairs", "2", "--num_val_pairs", "2", "--work_dir", str(tmp_path / "runs"),
-                       "--out", str(out)])
+                       "--override", "lr=0.0002", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     study = json.loads(out.read_text())
@@ -43,7 +43,9 @@ def test_variants_study_command(tmp_path):
         assert 0.0 < r["identity_dice"] < 1.0 and 0.0 <= r["trained_dice"] <= 1.0
         assert len(r["trained_dice_per_pair"]) == 2 and r["folding_pct"] >= 0.0
         assert r["train_s"] > 0 and r["train_cpu_s"] > 0 and r["eval_s"] > 0
-    assert rows["iirp"]["steps"] == 4 and rows["iirp"]["epochs"] == 2 and rows["iirp"]["lr"] == 1e-4
+    # the override reaches the training (the recipe's lr is 1e-4) and is recorded
+    assert rows["iirp"]["steps"] == 4 and rows["iirp"]["epochs"] == 2
+    assert rows["iirp"]["lr"] == 2e-4 and rows["iirp"]["override"] == {"lr": 0.0002}
     # SM-GICNet keeps its level-wise schedule (4/4/6/6 epochs): at least one update per epoch, all 4 levels reached
     sm = rows["smgicnet"]
     assert sm["epochs"] == 20 and sm["steps"] == 20
@@ -68,6 +70,7 @@ def test_variants_study_command(tmp_path):
 
     table = (tmp_path / "variants.md").read_text()
     assert table.startswith("`python -m monai_ipear.studies.variants --variants iirp smgicnet")
+    assert "| iirp (lr=0.0002) |" in table
     lines = [ln for ln in table.splitlines() if ln.startswith("| iirp") or ln.startswith("| smgicnet")]
     assert len(lines) == 2
     cells = [c.strip() for c in lines[0].strip("|").split("|")]

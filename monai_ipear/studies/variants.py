@@ -123,7 +123,7 @@ def run_variant(
     files = variant_config_files(configs, name, "train")
     merged = ConfigParser()
     merged.read_config(files)
-    stage_epochs = merged.get("stage_epochs")
+    stage_epochs = (override or {}).get("stage_epochs", merged.get("stage_epochs"))
     n_epochs = int(sum(stage_epochs)) if stage_epochs else int(epochs)
     epoch_length = max(1, int(steps) // n_epochs)
     common = {"bundle_root": root, "device": "$torch.device('cpu')", "spatial_dims": int(spatial_dims),
@@ -156,7 +156,7 @@ def run_variant(
         "epoch_length": epoch_length,
         "stages": stages,
         "override": dict(override or {}),
-        "lr": float(merged.get_parsed_content("lr")),
+        "lr": float(wf.parser.get_parsed_content("lr")),
         "final_loss": float(trainer.state.output["loss"]) if trainer.state.output else float("nan"),
         "val_mean_dice": float(metrics.get("val_mean_dice", float("nan"))),
         "val_identity_dice": float(metrics.get("val_identity_dice", float("nan"))),
@@ -290,10 +290,10 @@ def variants_main(argv: Sequence[str] | None = None) -> dict:
 def _write_table(study: dict, json_path: str | None) -> None:
     """Print the table; with ``json_path``, write it (after the command) to the ``.md`` file beside the JSON."""
     table = format_variants_table(study)
-    print(table)
     if json_path:
         with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
             f.write(f"`{study['command']}`\n\n{table}\n")
+    print(table)
 
 
 if __name__ == "__main__":
