@@ -164,12 +164,16 @@ def run_variant(
         "train_cpu_s": train_cpu_s,
         "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
     }
+    # the evaluation scores exactly the pairs the training validated on: same generator settings and seeds
+    same_pairs = {f"synthetic#{k}": v for k, v in wf.parser.get_parsed_content("synthetic").items()}
+    same_pairs.update({"synthetic#num_pairs": len(wf.parser.get_parsed_content("validate#dataset")),
+                       "synthetic#seed": wf.parser.get_parsed_content("validate#synthetic_dataset").seeds[0]})
     wf.finalize()
 
     start = time.perf_counter()
-    ev = _workflow(variant_config_files(configs, name, "evaluate"), configs, **common,
+    ev = _workflow(variant_config_files(configs, name, "evaluate"), configs, **dict(common, **same_pairs),
                    ckpt_path=os.path.join(root, "models", "model_final.pt"), output_dir=os.path.join(root, "eval"),
-                   surface_metrics=False, **{"synthetic#num_pairs": int(num_val_pairs)})
+                   surface_metrics=False)
     ev.run()
     ev.finalize()
     result["eval_s"] = time.perf_counter() - start
