@@ -69,9 +69,14 @@ def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
+def _depth_split_applies(x: torch.Tensor, fast: bool) -> bool:
+    """Whether FARM's few-output convolutions run as :func:`depth_split_conv` (CPU, eager mode, ``fast``)."""
+    return fast and x.device.type == "cpu" and not _tracing()
+
+
 def _few_output_conv(conv: Convolution, x: torch.Tensor, fast: bool) -> torch.Tensor:
     """A MONAI ``Convolution`` (stride 1, same padding) with :func:`depth_split_conv` on CPU when ``fast``."""
-    if not fast or x.device.type != "cpu" or _tracing():
+    if not _depth_split_applies(x, fast):
         return conv(x)
     layer = conv.conv
     y = depth_split_conv(x, layer.weight, layer.bias)
@@ -206,7 +211,7 @@ class FARM(nn.Module):
         fused = self.sab(self.seb(r))
         if self.rp is None:
             return _few_output_conv(self.cl3, fused, self._fast)
-        if not self._fast or fused.device.type != "cpu" or _tracing():
+        if not _depth_split_applies(fused, self._fast):
             return self.cl3(torch.cat([fused, self.rp(r)], dim=1))
         # Cl3 of the concatenation = the sum of Cl3's two weight blocks applied to each part: no 3C/2-channel
         # copy, and the attention output is freed before the residual pathway runs (lower peak memory)
