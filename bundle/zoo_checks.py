@@ -44,22 +44,29 @@ def _first_line(e: BaseException) -> str:
 
 
 class _BundledPackageOnly(importlib.abc.MetaPathFinder):
-    """``import monai_ipear`` finds only the copy in ``<root>/scripts`` (the zoo's CI has no installed one), and only
-    once ``<root>/scripts`` is on ``sys.path`` (``import scripts`` puts it there), as without an installed copy."""
+    """``import monai_ipear`` (and every ``monai_ipear.*`` module) finds only the copy in ``<root>/scripts`` (the zoo's
+    CI has no installed one), and only once ``<root>/scripts`` is on ``sys.path`` (``import scripts`` puts it there),
+    as without an installed copy.
+
+    Submodules need the hook too: a module missing from the bundle's copy would otherwise fall through to later
+    finders, e.g. setuptools' editable-install finder, which maps every ``monai_ipear.*`` name to the source tree."""
 
     def __init__(self, scripts_dir: str) -> None:
         self.scripts_dir = os.path.abspath(scripts_dir)
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "monai_ipear":
+        if fullname != "monai_ipear" and not fullname.startswith("monai_ipear."):
             return None
         spec = None
-        if any(os.path.abspath(p or os.getcwd()) == self.scripts_dir for p in sys.path):
-            spec = importlib.machinery.PathFinder.find_spec(fullname, [self.scripts_dir])
+        if fullname == "monai_ipear":
+            if any(os.path.abspath(p or os.getcwd()) == self.scripts_dir for p in sys.path):
+                spec = importlib.machinery.PathFinder.find_spec(fullname, [self.scripts_dir])
+        elif path is not None and all(os.path.abspath(p).startswith(self.scripts_dir + os.sep) for p in path):
+            spec = importlib.machinery.PathFinder.find_spec(fullname, list(path))
         if spec is None:
             raise ModuleNotFoundError(
-                f"No module named 'monai_ipear': the installed package is hidden (the Model Zoo's CI does not have "
-                f"it) and the bundle's copy ({self.scripts_dir}/monai_ipear) is not on sys.path (or missing).",
+                f"No module named {fullname!r}: the installed package is hidden (the Model Zoo's CI does not have "
+                f"it) and the bundle's copy ({self.scripts_dir}/monai_ipear) is not on sys.path (or lacks it).",
                 name=fullname)
         return spec
 
