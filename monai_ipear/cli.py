@@ -574,8 +574,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     import fire
     from fire.core import FireExit
 
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from .runtime import program_arguments
+
+    argv = program_arguments(argv)  # as a program: the allocator setting of monai_ipear.runtime
     prog = _prog_name()
     if argv and argv[0] in ("-V", "--version"):
         from monai_ipear import __version__
@@ -600,10 +601,6 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 2
     import inspect
 
-    if from_command_line:  # a program of its own, not a call from Python (tests, notebooks): see monai_ipear.runtime
-        from .runtime import keep_freed_cpu_memory
-
-        keep_freed_cpu_memory()  # full-resolution temporaries reuse freed memory (about 2x faster on CPU)
     known = list(inspect.signature(COMMANDS[argv[0]]).parameters)
     for arg in argv[1:]:  # reject unknown flags before anything runs (fire would run the command first)
         flag = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None

@@ -23,7 +23,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_cpu_memory", "keeps_freed_cpu_memory"]
+__all__ = ["keep_freed_cpu_memory", "keeps_freed_cpu_memory", "program_arguments"]
 
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_MAX = -4
@@ -58,3 +58,17 @@ def keep_freed_cpu_memory() -> bool:
 def keeps_freed_cpu_memory() -> bool:
     """Whether :func:`keep_freed_cpu_memory` is in effect in this process."""
     return _STATE["done"]
+
+
+def program_arguments(argv: list[str] | None) -> list[str]:
+    """The arguments of a command-line entry point, and the process settings of a program.
+
+    ``argv=None`` means the entry point runs as a program of its own (``python -m ...``): the arguments are
+    ``sys.argv[1:]`` and :func:`keep_freed_cpu_memory` is switched on. A list means a call from Python (tests,
+    notebooks): it is returned as it is and the allocator is left alone. Every entry point (``monai_ipear``'s CLI,
+    the benchmark) decides this here, before it rebinds ``argv``.
+    """
+    if argv is None:
+        keep_freed_cpu_memory()
+        return list(sys.argv[1:])
+    return list(argv)

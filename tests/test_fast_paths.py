@@ -201,3 +201,37 @@ def test_keep_freed_cpu_memory_is_on_by_default_and_can_be_turned_off():
     bad = subprocess.run([sys.executable, "-c", code], env={**env, "MONAI_IPEAR_KEEP_FREED_MEMORY": "maybe"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "MONAI_IPEAR_KEEP_FREED_MEMORY must be a boolean" in bad.stderr
+
+
+def test_entry_points_switch_the_allocator_setting_on_as_programs_only():
+    """``python -m monai_ipear`` and ``python -m monai_ipear.benchmark`` turn :func:`keep_freed_cpu_memory` on;
+    the same functions called from Python with an argument list do not (a regression: the benchmark once tested
+    ``argv is None`` after rebinding ``argv``, so the setting never applied to its runs)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "from monai_ipear import runtime\n"
+            "sys.argv = [sys.argv[1], '--help']\n"
+            "try:\n"
+            "    runpy.run_module(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('SETTING', runtime.keeps_freed_cpu_memory())\n")
+    env = {k: v for k, v in os.environ.items() if k != "MONAI_IPEAR_KEEP_FREED_MEMORY"}
+    expected = str(sys.platform.startswith("linux"))
+    for module in ("monai_ipear", "monai_ipear.benchmark"):
+        run = subprocess.run([sys.executable, "-c", code, module], env=env, capture_output=True, text=True)
+        assert f"SETTING {expected}" in run.stdout, (module, run.stdout[-500:], run.stderr[-2000:])
+    code_in_python = ("from monai_ipear import runtime\n"
+                      "from monai_ipear.cli import cli_main\n"
+                      "from monai_ipear.benchmark.__main__ import benchmark_main\n"
+                      "cli_main(['--version'])\n"
+                      "try:\n"
+                      "    benchmark_main(['--help'])\n"
+                      "except SystemExit:\n"
+                      "    pass\n"
+                      "print('SETTING', runtime.keeps_freed_cpu_memory())\n")
+    run = subprocess.run([sys.executable, "-c", code_in_python], env=env, capture_output=True, text=True)
+    assert "SETTING False" in run.stdout, (run.stdout[-500:], run.stderr[-2000:])

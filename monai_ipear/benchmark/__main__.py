@@ -64,7 +64,9 @@ def _label_names(path: str | None) -> dict[int, str] | None:
 
 
 def benchmark_main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..runtime import program_arguments
+
+    argv = program_arguments(argv)  # as a program: the allocator setting of monai_ipear.runtime
     p = argparse.ArgumentParser(prog="python -m monai_ipear.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--datalist", help="dataset.json (Learn2Reg style); default <prep-dir>/dataset.json")
     p.add_argument("--split", default="validation", help="datalist split of the test subjects")
@@ -107,12 +109,7 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--note", action="append", default=[], help="extra line for the report's notes")
     p.add_argument("--out", required=True, help="Markdown report path")
     p.add_argument("--plots-dir", default=None, help="default: <out without .md>/ next to the report")
-    from_command_line = argv is None
     a = p.parse_args(argv)
-    if from_command_line:  # as the command-line tools run (see monai_ipear.runtime); not when called from Python
-        from ..runtime import keep_freed_cpu_memory
-
-        keep_freed_cpu_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     command = "python -m monai_ipear.benchmark " + " ".join(shlex.quote(v) for v in argv)
