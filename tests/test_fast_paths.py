@@ -235,3 +235,27 @@ def test_entry_points_switch_the_allocator_setting_on_as_programs_only():
                       "print('SETTING', runtime.keeps_freed_cpu_memory())\n")
     run = subprocess.run([sys.executable, "-c", code_in_python], env=env, capture_output=True, text=True)
     assert "SETTING False" in run.stdout, (run.stdout[-500:], run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (12, 10)), (3, (8, 10, 6))])
+def test_farm_without_autograd_reuses_buffers_with_the_same_values(spatial_dims, size):
+    """Without autograd FARM's residual units and SAB work in place (lower peak memory): same outputs as with
+    autograd, and the caller's tensors are never modified."""
+    from monai_ipear.networks.blocks.farm import FARM, FARMSpatialAttention
+
+    torch.manual_seed(0)
+    farm = FARM(spatial_dims, 4, 8)
+    moving, fixed = torch.randn(2, 4, *size), torch.randn(2, 4, *size)
+    kept = moving.clone(), fixed.clone()
+    with_grad = farm(moving, fixed)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = farm(moving, fixed)
+    assert torch.allclose(with_grad, without, atol=1e-6)
+    assert torch.equal(moving, kept[0]) and torch.equal(fixed, kept[1])
+    sab, x = FARMSpatialAttention(spatial_dims), torch.randn(2, 6, *size)
+    x_kept = x.clone()
+    with torch.no_grad():
+        out = sab(x)
+        assert torch.equal(x, x_kept)  # not in place unless asked
+        assert torch.equal(sab(x, inplace=True), out) and torch.equal(x, out)

@@ -65,7 +65,7 @@ def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         elif o < 0:
             out[:, :, -o:] += y[:, kd * out_c:(kd + 1) * out_c, :o]
     if bias is not None:
-        out = out + bias.view(1, out_c, *([1] * nd))
+        out += bias.view(1, out_c, *([1] * nd))  # ``out`` is this function's own tensor (autograd-safe)
     return out
 
 
@@ -116,14 +116,17 @@ class FARMSpatialAttention(nn.Module):
         dims = spatial_dims if mode == "spatial" else 1
         self.conv = Convolution(dims, 2, 1, kernel_size=kernel_size, act="sigmoid", norm=None, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``x`` ``(B, C, *spatial)`` times its attention weights; ``inplace``: multiply ``x`` itself (no autograd)."""
         if self.mode == "spatial":
             pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-            return x * _few_output_conv(self.conv, pooled, self.fast)
-        flat = x.flatten(2)  # (B, C, N)
-        pooled = torch.stack([flat.mean(-1), flat.amax(-1)], dim=1)  # (B, 2, C)
-        weights = self.conv(pooled).squeeze(1)  # (B, C)
-        return x * weights.view(*weights.shape, *([1] * (x.ndim - 2)))
+            weights = _few_output_conv(self.conv, pooled, self.fast)
+        else:
+            flat = x.flatten(2)  # (B, C, N)
+            pooled = torch.stack([flat.mean(-1), flat.amax(-1)], dim=1)  # (B, 2, C)
+            weights = self.conv(pooled).squeeze(1)  # (B, C)
+            weights = weights.view(*weights.shape, *([1] * (x.ndim - 2)))
+        return x.mul_(weights) if inplace else x * weights
 
 
 class ResidualPathwayUnit(nn.Module):
@@ -135,7 +138,12 @@ class ResidualPathwayUnit(nn.Module):
         self.act = nn.LeakyReLU(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x) + x)
+        y = self.conv(x)
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad) or _tracing():
+            return self.act(y + x)
+        # without autograd the sum and the activation reuse the convolution's output: two full-size maps fewer
+        # alive at once (the decoders' peak memory at full resolution), same values
+        return F.leaky_relu(y.add_(x), self.act.negative_slope, inplace=True)
 
 
 class ResidualPathway(nn.Module):
@@ -208,7 +216,11 @@ class FARM(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         r = torch.cat([moving, fixed], dim=1)
-        fused = self.sab(self.seb(r))
+        fused = self.seb(r)
+        if isinstance(self.sab, FARMSpatialAttention):
+            # without autograd SAB scales SEB's output in place (one full-size map fewer alive; same values)
+            grad = torch.is_grad_enabled() and (fused.requires_grad or any(p.requires_grad for p in self.sab.parameters()))
+            fused = self.sab(fused, inplace=not grad and fused is not r and not _tracing())
         if self.rp is None:
             return _few_output_conv(self.cl3, fused, self._fast)
         if not _depth_split_applies(fused, self._fast):
