@@ -23,7 +23,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_cpu_memory", "keeps_freed_cpu_memory", "program_arguments"]
+__all__ = ["keep_freed_cpu_memory", "keeps_freed_cpu_memory", "release_freed_cpu_memory", "program_arguments"]
 
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_MAX = -4
@@ -60,6 +60,21 @@ def keep_freed_cpu_memory() -> bool:
 def keeps_freed_cpu_memory() -> bool:
     """Whether :func:`keep_freed_cpu_memory` is in effect in this process."""
     return _STATE["done"]
+
+
+def release_freed_cpu_memory() -> bool:
+    """Give the memory kept by :func:`keep_freed_cpu_memory` back to the system now (glibc ``malloc_trim(0)``).
+
+    For a moment where the process waits on another one that needs the memory (the benchmark's peak-memory child:
+    a parent holding a training step's 14 GB beside a child measuring one got both killed for memory on a 24 GiB
+    machine). The next large allocations are paid in page faults again. Returns False where nothing applies.
+    """
+    if not _STATE["done"]:
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def program_arguments(argv: list[str] | None) -> list[str]:

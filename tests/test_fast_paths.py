@@ -259,3 +259,29 @@ def test_farm_without_autograd_reuses_buffers_with_the_same_values(spatial_dims,
         out = sab(x)
         assert torch.equal(x, x_kept)  # not in place unless asked
         assert torch.equal(sab(x, inplace=True), out) and torch.equal(x, out)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc allocator settings: Linux only")
+def test_kept_memory_stays_until_released():
+    """With :func:`keep_freed_cpu_memory` a freed 300 MiB tensor stays resident (reused without page faults) until
+    :func:`release_freed_cpu_memory` gives it back (the benchmark does so before its peak-memory child)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from monai_ipear import runtime\n"
+            "def rss():\n"
+            "    return int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20\n"
+            "print(runtime.release_freed_cpu_memory(), runtime.keep_freed_cpu_memory())\n"
+            "base = rss()\n"
+            "x = torch.ones(300 * 2**20 // 4)\n"
+            "small = torch.ones(10)\n"  # allocated after x: the heap top is not free, so nothing could shrink it
+            "del x\n"
+            "kept = rss() - base\n"
+            "print(runtime.release_freed_cpu_memory(), kept, rss() - base)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MONAI_IPEAR_KEEP_FREED_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["False", "True"]  # nothing to release before the setting is on
+    released, kept, after = out[2] == "True", int(out[3]), int(out[4])
+    assert released and kept >= 250 and after <= kept - 200, out

@@ -100,8 +100,9 @@ def peak_memory_in_fresh_process(call, *args, device: torch.device | str = "cpu"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    from ..runtime import keeps_freed_cpu_memory
+    from ..runtime import keeps_freed_cpu_memory, release_freed_cpu_memory
 
+    release_freed_cpu_memory()  # what this process kept for reuse would sit beside the child's peak
     proc = ctx.Process(target=_child, args=(queue, call, args, str(device), torch.get_num_threads(),
                                             keeps_freed_cpu_memory()))
     proc.start()
