@@ -77,6 +77,11 @@ def _workflow(files: list[str], configs: str, **override):
                            logging_file=os.path.join(configs, "logging.conf"), **override)
 
 
+def _load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def _identity_dice(dataset) -> list[float]:
     """Mean Dice per pair of the unregistered moving labels (zero field), the evaluation's Dice definition."""
     from ..metrics import pair_registration_metrics
@@ -134,7 +139,7 @@ def run_variant(
         train_override["max_epochs"] = n_epochs
     train_override.update(override or {})
     log(f"[{name}] training: {n_epochs} epochs x {epoch_length} iterations, {spatial_dims}D size {spatial_size}")
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = _load_average()
     start, cpu_start = time.perf_counter(), time.process_time()
     wf = _workflow(files, configs, **train_override)
     wf.run()
@@ -162,7 +167,7 @@ def run_variant(
         "val_identity_dice": float(metrics.get("val_identity_dice", float("nan"))),
         "train_s": train_s,
         "train_cpu_s": train_cpu_s,
-        "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
+        "load_average": [load_before, _load_average()],
     }
     # the evaluation scores exactly the pairs the training validated on: same generator settings and seeds
     same_pairs = {f"synthetic#{k}": v for k, v in wf.parser.get_parsed_content("synthetic").items()}

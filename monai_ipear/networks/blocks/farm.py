@@ -69,6 +69,12 @@ def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
+def _may_overwrite(*tensors: torch.Tensor) -> bool:
+    """Whether an op may overwrite these tensors: autograd records none of them and no graph is being captured
+    (FARM's in-place paths without autograd; same values, fewer full-size maps alive at once)."""
+    return not _tracing() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _depth_split_applies(x: torch.Tensor, fast: bool) -> bool:
     """Whether FARM's few-output convolutions run as :func:`depth_split_conv` (CPU, eager mode, ``fast``)."""
     return fast and x.device.type == "cpu" and not _tracing()
@@ -117,7 +123,8 @@ class FARMSpatialAttention(nn.Module):
         self.conv = Convolution(dims, 2, 1, kernel_size=kernel_size, act="sigmoid", norm=None, bias=False)
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``x`` ``(B, C, *spatial)`` times its attention weights; ``inplace``: multiply ``x`` itself (no autograd)."""
+        """``x`` ``(B, C, *spatial)`` times its attention weights; ``inplace``: the caller gives ``x`` away, which is
+        then multiplied in place where no autograd records it."""
         if self.mode == "spatial":
             pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
             weights = _few_output_conv(self.conv, pooled, self.fast)
@@ -126,7 +133,7 @@ class FARMSpatialAttention(nn.Module):
             pooled = torch.stack([flat.mean(-1), flat.amax(-1)], dim=1)  # (B, 2, C)
             weights = self.conv(pooled).squeeze(1)  # (B, C)
             weights = weights.view(*weights.shape, *([1] * (x.ndim - 2)))
-        return x.mul_(weights) if inplace else x * weights
+        return x.mul_(weights) if inplace and _may_overwrite(x, weights) else x * weights
 
 
 class ResidualPathwayUnit(nn.Module):
@@ -139,10 +146,9 @@ class ResidualPathwayUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad) or _tracing():
+        if not _may_overwrite(x, y):
             return self.act(y + x)
-        # without autograd the sum and the activation reuse the convolution's output: two full-size maps fewer
-        # alive at once (the decoders' peak memory at full resolution), same values
+        # the sum and the activation reuse the convolution's output (the decoders' peak memory at full resolution)
         return F.leaky_relu(y.add_(x), self.act.negative_slope, inplace=True)
 
 
@@ -217,10 +223,10 @@ class FARM(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         r = torch.cat([moving, fixed], dim=1)
         fused = self.seb(r)
-        if isinstance(self.sab, FARMSpatialAttention):
-            # without autograd SAB scales SEB's output in place (one full-size map fewer alive; same values)
-            grad = torch.is_grad_enabled() and (fused.requires_grad or any(p.requires_grad for p in self.sab.parameters()))
-            fused = self.sab(fused, inplace=not grad and fused is not r and not _tracing())
+        if isinstance(self.sab, FARMSpatialAttention):  # SEB's output is ours to overwrite, R (no SEB) is not
+            fused = self.sab(fused, inplace=fused is not r)
+        else:
+            fused = self.sab(fused)
         if self.rp is None:
             return _few_output_conv(self.cl3, fused, self._fast)
         if not _depth_split_applies(fused, self._fast):
