@@ -16,6 +16,7 @@ from monai_ipear.controllers import (
     global_ncc_iirp,
     negative_mae,
     negative_mse,
+    select_samples,
     simulate_controller,
 )
 
@@ -165,6 +166,34 @@ def test_controlled_refinement_is_per_sample():
     assert out[:, 0, 0, 0].tolist() == [3.0, 5.0, 8.0]
     assert calls[0] == [0, 1, 2] and calls[4] == [1, 2] and calls[7] == [2]
     assert torch.isnan(trace[0, 4:]).all() and math.isclose(trace[2, 8].item(), 0.6, rel_tol=1e-6)
+
+
+def test_refinement_passes_the_whole_batch_without_copies():
+    """While every sample iterates, ``update`` gets the field itself and its proposal becomes the field (no
+    per-update copy of full-resolution maps); once some stopped, the others get a copy of their rows only."""
+    t = torch.arange(6.0).view(3, 2)
+    assert select_samples(t, torch.arange(3)) is t
+    part = select_samples(t, torch.tensor([0, 2]))
+    assert part.tolist() == [[0.0, 1.0], [4.0, 5.0]] and part.data_ptr() != t.data_ptr()
+
+    ddf = torch.zeros(2, 2, 4, 4)
+    targets = torch.tensor([1.0, 6.0])
+    calls = []  # (active samples, whether u is the previous proposal's memory)
+    last = {"ptr": ddf.data_ptr()}
+
+    def update(u, index, k):
+        calls.append((index.tolist(), u.data_ptr() == last["ptr"]))
+        out = u + 1.0
+        last["ptr"] = out.data_ptr()
+        return out
+
+    def evaluate(u, index):
+        return torch.minimum(u[:, 0, 0, 0], targets[index]) * 0.1
+
+    out, kept, _ = controlled_refinement(TCI(), ddf, update, evaluate)
+    assert kept.tolist() == [3, 8] and out[:, 0, 0, 0].tolist() == [3.0, 8.0]
+    assert calls[:3] == [([0, 1], True)] * 3  # both samples: the field itself, each update
+    assert calls[3] == ([1], False)  # one sample left: its rows, copied
 
 
 @pytest.mark.parametrize("controller", [TCI(), IterStop(), IterStop(faithful=True)])

@@ -239,26 +239,35 @@ def test_entry_points_switch_the_allocator_setting_on_as_programs_only():
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (12, 10)), (3, (8, 10, 6))])
 def test_farm_without_autograd_reuses_buffers_with_the_same_values(spatial_dims, size):
-    """Without autograd FARM's residual units and SAB work in place (lower peak memory): same outputs as with
-    autograd, and the caller's tensors are never modified."""
-    from monai_ipear.networks.blocks.farm import FARM, FARMSpatialAttention
+    """Without autograd FARM's residual units, SEB and SAB work in place (lower peak memory): same outputs as with
+    autograd and as the reference path, for every ablation variant, and the caller's tensors are never modified."""
+    from monai_ipear.networks.blocks.farm import FARM, FARMSpatialAttention, SqueezeExcitationBlock
 
     torch.manual_seed(0)
-    farm = FARM(spatial_dims, 4, 8)
     moving, fixed = torch.randn(2, 4, *size), torch.randn(2, 4, *size)
     kept = moving.clone(), fixed.clone()
-    with_grad = farm(moving, fixed)
-    assert with_grad.requires_grad
-    with torch.no_grad():
-        without = farm(moving, fixed)
-    assert torch.allclose(with_grad, without, atol=1e-6)
-    assert torch.equal(moving, kept[0]) and torch.equal(fixed, kept[1])
-    sab, x = FARMSpatialAttention(spatial_dims), torch.randn(2, 6, *size)
+    # every ablation variant: which pathway may overwrite R depends on which parts exist
+    for use_seb, use_sab, use_rp in [(True, True, True), (False, True, True), (True, True, False), (False, True, False), (True, False, True)]:
+        farm = FARM(spatial_dims, 4, 8, use_seb=use_seb, use_sab=use_sab, use_rp=use_rp)
+        with_grad = farm(moving, fixed)
+        assert with_grad.requires_grad
+        with torch.no_grad():
+            without = farm(moving, fixed)
+            farm.fast = False
+            reference = farm(moving, fixed)  # the plain convolutions on the concatenation
+        assert torch.allclose(with_grad, without, atol=1e-6), (use_seb, use_sab, use_rp)
+        assert torch.allclose(reference, without, atol=1e-5), (use_seb, use_sab, use_rp)
+        assert torch.equal(moving, kept[0]) and torch.equal(fixed, kept[1])
+    x = torch.randn(2, 6, *size)
     x_kept = x.clone()
-    with torch.no_grad():
-        out = sab(x)
-        assert torch.equal(x, x_kept)  # not in place unless asked
-        assert torch.equal(sab(x, inplace=True), out) and torch.equal(x, out)
+    for block in (FARMSpatialAttention(spatial_dims), SqueezeExcitationBlock(spatial_dims, 6, 2)):
+        with torch.no_grad():
+            out = block(x)
+            assert torch.equal(x, x_kept)  # not in place unless asked
+            assert torch.equal(block(x, inplace=True), out) and torch.equal(x, out)
+            x.copy_(x_kept)
+        x_grad = x.clone().requires_grad_()
+        assert torch.equal(block(x_grad, inplace=True), out) and torch.equal(x_grad.detach(), x_kept)  # autograd: a copy
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc allocator settings: Linux only")

@@ -5,6 +5,7 @@ from .base import (
     IterationController,
     SinglePass,
     controlled_refinement,
+    select_samples,
     simulate_controller,
 )
 from .iterstop import IterStop

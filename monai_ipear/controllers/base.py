@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .samples import select_samples
 from .similarity import get_similarity
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FixedIterations",
     "controlled_refinement",
     "simulate_controller",
+    "select_samples",
 ]
 
 
@@ -167,7 +169,7 @@ def controlled_refinement(
         k += 1
         active_samples = [b for b in range(batch) if active[b]]  # a Python list: no tensor->list sync (torch.export)
         index = torch.tensor(active_samples, device=ddf.device)
-        proposal = update(ddf[index], index, k)
+        proposal = update(select_samples(ddf, index), index, k)
         sims = [None] * len(index)
         if needs_sim:
             with torch.no_grad():
@@ -188,6 +190,9 @@ def controlled_refinement(
             if decision.stop or k >= controller.k_max:
                 active[b] = False
         if accepted:
-            sel = torch.tensor(accepted, device=ddf.device)
-            ddf = ddf.index_copy(0, index[sel], proposal[sel].to(ddf.dtype))
+            if len(accepted) == batch:  # every sample updated: the proposal is the new field (no copy)
+                ddf = proposal.to(ddf.dtype)
+            else:
+                sel = torch.tensor(accepted, device=ddf.device)
+                ddf = ddf.index_copy(0, index[sel], select_samples(proposal, sel).to(ddf.dtype))
     return ddf, kept, trace

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from .samples import select_samples
+
 __all__ = ["global_ncc", "global_ncc_iirp", "negative_mse", "negative_mae", "get_similarity", "PreparedSimilarity"]
 
 
@@ -96,14 +98,11 @@ class PreparedSimilarity:
                 self.centred = b - b.mean(1, keepdim=True)
                 self.spread = b.std(1)
 
-    def _select(self, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t if index.numel() == t.shape[0] else t.index_select(0, index)  # increasing indices: all = arange
-
     def __call__(self, warped: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.kind is None:
-            return self.similarity(warped, self._select(self.fixed, index))
+            return self.similarity(warped, select_samples(self.fixed, index))
         a = warped.float().flatten(1)
-        b, spread = self._select(self.centred, index), self._select(self.spread, index)
+        b, spread = select_samples(self.centred, index), select_samples(self.spread, index)
         if self.kind == "ncc":
             a = a - a.mean(1, keepdim=True)
             cov = (a * b).mean(1)

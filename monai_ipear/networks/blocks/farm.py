@@ -99,6 +99,14 @@ class SqueezeExcitationBlock(ChannelSELayer):
     def __init__(self, spatial_dims: int, in_channels: int, r: int = 16) -> None:
         super().__init__(spatial_dims, in_channels, r=max(1, min(r, in_channels)), acti_type_1=LEAKY)
 
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``x`` ``(B, C, *spatial)`` times its channel weights; ``inplace``: the caller gives ``x`` away, which is
+        then multiplied in place where no autograd records it (MONAI's ``ChannelSELayer`` without its residual
+        option)."""
+        b, c = x.shape[:2]
+        weights = self.fc(self.avg_pool(x).view(b, c)).view([b, c] + [1] * (x.ndim - 2))
+        return x.mul_(weights) if inplace and _may_overwrite(x, weights) else x * weights
+
 
 class FARMSpatialAttention(nn.Module):
     """SAB.
@@ -222,18 +230,20 @@ class FARM(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         r = torch.cat([moving, fixed], dim=1)
-        fused = self.seb(r)
-        if isinstance(self.sab, FARMSpatialAttention):  # SEB's output is ours to overwrite, R (no SEB) is not
-            fused = self.sab(fused, inplace=fused is not r)
-        else:
-            fused = self.sab(fused)
         if self.rp is None:
-            return _few_output_conv(self.cl3, fused, self._fast)
-        if not _depth_split_applies(fused, self._fast):
-            return self.cl3(torch.cat([fused, self.rp(r)], dim=1))
-        # Cl3 of the concatenation = the sum of Cl3's two weight blocks applied to each part: no 3C/2-channel
-        # copy, and the attention output is freed before the residual pathway runs (lower peak memory)
-        weight, c = self.cl3.conv.weight, fused.shape[1]
-        out = depth_split_conv(fused, weight[:, :c], self.cl3.conv.bias)
-        del fused
-        return out + depth_split_conv(self.rp(r), weight[:, c:])
+            return _few_output_conv(self.cl3, self._attention(r, own=True), self._fast)
+        if not _depth_split_applies(r, self._fast):
+            return self.cl3(torch.cat([self._attention(r, own=False), self.rp(r)], dim=1))
+        # Cl3 of the concatenation = the sum of Cl3's two weight blocks applied to each part: no 3C/2-channel copy.
+        # The residual pathway runs first, so that the attention pathway may then work in R's own memory (without
+        # autograd): at most one 2C-channel map besides the pathway's own is alive at full resolution.
+        weight, c = self.cl3.conv.weight, r.shape[1]
+        out = depth_split_conv(self.rp(r), weight[:, c:])
+        return out.add_(depth_split_conv(self._attention(r, own=True), weight[:, :c], self.cl3.conv.bias))
+
+    def _attention(self, r: torch.Tensor, own: bool) -> torch.Tensor:
+        """SEB then SAB on ``R``; ``own``: nothing reads ``R`` afterwards, so it may be overwritten."""
+        fused = self.seb(r, inplace=own) if isinstance(self.seb, SqueezeExcitationBlock) else self.seb(r)
+        if isinstance(self.sab, FARMSpatialAttention):  # SEB's output is ours to overwrite, R (no SEB) only if own
+            return self.sab(fused, inplace=own or fused is not r)
+        return self.sab(fused)

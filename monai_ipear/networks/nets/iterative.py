@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...controllers import IterationController, SinglePass, controlled_refinement
+from ...controllers import IterationController, SinglePass, controlled_refinement, select_samples
 from ..blocks.fields import FieldComposer
 from ..utils import check_registration_pair
 
@@ -84,11 +84,11 @@ class IterativeRegistration(nn.Module):
 
         def update(u, index, k):
             if k == 1:  # the identity start: the first update is the network's one-shot field
-                return self.fields.compose(None, self.predict(moving[index], fixed[index]))
-            return self.fields.compose(u, self.predict(self.fields.warp(moving[index], u), fixed[index]))
+                return self.fields.compose(None, self.predict(select_samples(moving, index), select_samples(fixed, index)))
+            return self.fields.compose(u, self.predict(self.fields.warp(select_samples(moving, index), u), select_samples(fixed, index)))
 
         def evaluate(u, index):
-            return controller.similarity(self.fields.warp(moving[index], u), fixed[index])
+            return controller.similarity(self.fields.warp(select_samples(moving, index), u), select_samples(fixed, index))
 
         ddf = torch.zeros(batch, self.spatial_dims, *moving.shape[2:], device=moving.device, dtype=torch.float32)
         ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=True)

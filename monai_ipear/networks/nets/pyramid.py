@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ...controllers import IterationController, SinglePass, controlled_refinement
+from ...controllers import IterationController, SinglePass, controlled_refinement, select_samples
 from ...controllers.similarity import PreparedSimilarity
 from ..blocks.fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
 from ..utils import check_registration_pair
@@ -174,16 +174,16 @@ class PyramidRegistrationNet(nn.Module):
 
             def update(u, index, k, fm=fm, ff=ff, decoder=decoder, coarsest=coarsest):
                 if coarsest and k == 1:  # Algorithm 1: the first update at the coarsest level sees raw features
-                    return self.fields.compose(None, decoder(fm[index], ff[index]))
+                    return self.fields.compose(None, decoder(select_samples(fm, index), select_samples(ff, index)))
                 # decoders that fuse the previous field themselves (RAN's RA module) receive it as ``previous``
                 extra = {"previous": u} if getattr(decoder, "takes_previous_field", False) else {}
-                return self.fields.compose(u, decoder(self.fields.warp(fm[index], u), ff[index], **extra))
+                return self.fields.compose(u, decoder(self.fields.warp(select_samples(fm, index), u), select_samples(ff, index), **extra))
 
             controller = SinglePass() if single else controllers[lvl]
 
             def evaluate(u, index, lvl=lvl, controller=controller):
                 # the similarity of the image's own extent: the padding added above is cropped off both images
-                warped = crop_to(self.fields.warp(moving[index], resize_ddf(u, 2**lvl)), spatial)
+                warped = crop_to(self.fields.warp(select_samples(moving, index), resize_ddf(u, 2**lvl)), spatial)
                 return prepared(controller.similarity)(warped, index)
 
             ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=coarsest)
