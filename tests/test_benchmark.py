@@ -155,6 +155,35 @@ def test_speed_study_ratios():
     assert rows[0]["iterations"] == [3.0] * 4
 
 
+def test_speed_study_times_training_steps_apart_and_divides_like_by_like(monkeypatch):
+    """Training steps run after the inference rounds, after their own warm-up steps; an encoder row is divided into
+    iPEAR's encoder row and a training step into iPEAR's training step."""
+    from monai_ipear.benchmark import speed as speed_mod
+
+    calls = []  # "_Call" for inference and encoder calls (``_EncoderCall`` inherits ``__call__``), "_TrainCall"
+    for cls in (speed_mod._Call, speed_mod._TrainCall):
+        def wrapped(self, a, b, _original=cls.__call__, _kind=cls.__name__):
+            calls.append(_kind)
+            return _original(self, a, b)
+
+        monkeypatch.setattr(cls, "__call__", wrapped)
+    torch.manual_seed(0)
+    nets = {"ipear": build_method("ipear", spatial_dims=2).network, "rpnet": build_method("rpnet", spatial_dims=2).network}
+    pair = _square_pair()
+    rows = speed_study(nets, pair["moving_image"], pair["fixed_image"], [(16, 24)], repeats=2, warmup=1,
+                       encoders=("ipear", "rpnet"), train_steps=("ipear", "rpnet"), train_warmup=3, memory=False,
+                       log=lambda *_: None)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["ipear", "rpnet", "encoder:ipear", "encoder:rpnet", "train:ipear", "train:rpnet"]
+    assert by["encoder:rpnet"]["ipear_ratio"] == pytest.approx(by["encoder:ipear"]["time_s"] / by["encoder:rpnet"]["time_s"])
+    assert by["train:rpnet"]["ipear_ratio"] == pytest.approx(by["train:ipear"]["time_s"] / by["train:rpnet"]["time_s"])
+    assert by["rpnet"]["ipear_ratio"] == pytest.approx(by["ipear"]["time_s"] / by["rpnet"]["time_s"])
+    first_train = calls.index("_TrainCall")
+    assert "_TrainCall" not in calls[:first_train] and set(calls[first_train:]) == {"_TrainCall"}
+    assert len(calls[first_train:]) == 2 * (3 + 2)  # two methods x (3 warm-up steps + 2 timed rounds)
+    assert all(len(r["times_s"]) == 2 for r in rows)
+
+
 @pytest.mark.skipif(not has_matplotlib, reason="matplotlib not installed (optional extra 'bench')")
 def test_plots_are_png_files(tmp_path):
     res = {"ipear": [{"dice_mean": 0.7, "time_s": 1.0, "iterations": [3, 4, 3, 3]},

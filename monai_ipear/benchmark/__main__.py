@@ -97,6 +97,8 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
                    help="also time one training step (forward + backward of the recipe's loss)")
     p.add_argument("--speed-train-sizes", nargs="*", default=None, type=_size,
                    help="sizes (among --speed-sizes) at which training steps are timed (default: all)")
+    p.add_argument("--speed-train-warmup", type=int, default=2,
+                   help="untimed training steps per method before the timed ones (at least --warmup)")
     p.add_argument("--fixed-at-tci", action="store_true",
                    help="also time iPEAR with fixed updates per level equal to TCI's counts on the pair")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
@@ -176,9 +178,13 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
         speed = speed_study(nets, sp_moving, sp_fixed, a.speed_sizes, a.repeats, a.warmup,
                             a.batch_sizes, (False, True) if a.autocast else (False,), a.device,
                             encoders=a.speed_encoders, train_steps=a.speed_train, fixed_at_tci=a.fixed_at_tci,
-                            memory=not a.no_memory, train_sizes=a.speed_train_sizes)
+                            memory=not a.no_memory, train_sizes=a.speed_train_sizes,
+                            train_warmup=a.speed_train_warmup)
         notes.append(f"speed: pair '{pair_name}' resized (trilinear) to each size; {a.warmup} warm-up round(s), then "
-                     f"{a.repeats} interleaved rounds (each method once per round), median; peak memory: one fresh "
+                     f"{a.repeats} interleaved rounds (each method once per round), median; training steps after "
+                     f"the inference rounds, with {max(1, a.warmup, a.speed_train_warmup)} untimed step(s) each first, "
+                     "then interleaved among themselves; 'iPEAR / this' divides like by like (an encoder by iPEAR's "
+                     "encoder, a training step by iPEAR's training step); peak memory: one fresh "
                      "process per row (CPU: peak resident set size of that process during the call, VmHWM reset "
                      "just before it, which includes Python, torch and the weights; rise = over its size just "
                      "before the call)")

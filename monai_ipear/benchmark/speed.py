@@ -80,6 +80,21 @@ class _TrainCall(_Call):
         return ddf.detach()
 
 
+def _timed_rounds(entries, mb, fb, repeats, sync, device, times, iterations, outputs) -> None:
+    """``repeats`` rounds, each calling every entry once in turn (interleaved), recording times and outputs."""
+    for _ in range(repeats):
+        for name, net, call in entries:
+            sync(device)
+            start = time.perf_counter()
+            out = call(mb, fb)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            iters = getattr(net, "last_iterations", None)
+            if ":" not in name:
+                iterations[name] = iters.float().mean(0).tolist() if iters is not None else None
+                outputs[name] = out
+
+
 def speed_study(
     networks: Mapping[str, torch.nn.Module],
     moving: torch.Tensor,
@@ -96,6 +111,7 @@ def speed_study(
     fixed_at_tci: bool = False,
     memory: bool = True,
     train_sizes: Sequence[Sequence[int]] | None = None,
+    train_warmup: int = 2,
     log=print,
 ) -> list[dict]:
     """Time every network on one real pair resized (trilinear, :class:`monai.transforms.Resize`) to each size.
@@ -109,13 +125,16 @@ def speed_study(
         batch_sizes: the pair repeated along the batch (time is per call, not per pair).
         autocast: with ``True`` also under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU); autocast rows carry
             ``max_abs_diff_voxels``, the largest difference of their field from the float32 field of the same method.
-        reference: the method whose time is divided by each other's (``ipear_ratio`` = reference / method).
+        reference: the method whose time is divided by each other's (``ipear_ratio`` = reference / method); an
+            ``encoder:`` or ``train:`` row is divided into the reference's row of the same kind.
         encoders: methods whose encoder alone is also timed on the stacked pair (row ``encoder:<name>``).
         train_steps: methods whose training step (forward + backward of the recipe's loss, one pass per level) is
             also timed (row ``train:<name>``).
         fixed_at_tci: add ``<reference>-fixed-at-tci``: the reference network with, per level, as many fixed updates
             as its controller made in the warm-up call (batch 1: the same decoder passes without the control).
         train_sizes: the sizes at which the training steps are timed (default: every size).
+        train_warmup: untimed training steps per method before the training rounds (at least ``warmup``). The
+            training steps are timed after the inference rounds, interleaved among themselves only.
         memory: measure each row's peak memory in a fresh process (CPU: peak resident set size of that process,
             ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``).
 
@@ -139,15 +158,17 @@ def speed_study(
                     entries.append((name, net, _Call(net, amp, device)))
                 for name in encoders:
                     entries.append((f"encoder:{name}", networks[name], _EncoderCall(networks[name], amp, device)))
-                for name in train_steps if train_sizes is None or list(size) in [list(t) for t in train_sizes] else ():
-                    entries.append((f"train:{name}", networks[name], _TrainCall(networks[name], amp, device)))
+                train_entries = [
+                    (f"train:{name}", networks[name], _TrainCall(networks[name], amp, device))
+                    for name in (train_steps if train_sizes is None or list(size) in [list(t) for t in train_sizes] else ())
+                ]
                 outputs: dict[str, object] = {}
                 counts = None
                 for _ in range(max(1, warmup)):
                     for name, _net, call in entries:
                         outputs[name] = call(mb, fb)
                         if name == reference and getattr(_net, "last_iterations", None) is not None:
-                            counts = _net.last_iterations[0].tolist()  # before a training step resets them
+                            counts = _net.last_iterations[0].tolist()
                 if fixed_at_tci and counts is not None:
                     name = f"{reference}-fixed-at-tci"
                     clone = fixed_at_counts(networks[reference], counts)
@@ -155,19 +176,16 @@ def speed_study(
                     outputs[name] = call(mb, fb)
                     index = next(i for i, e in enumerate(entries) if e[0] == reference) + 1
                     entries.insert(index, (name, clone, call))
-                times: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+                times: dict[str, list[float]] = {name: [] for name, _, _ in entries + train_entries}
                 iterations: dict[str, list | None] = {}
-                for _ in range(repeats):
-                    for name, net, call in entries:
-                        sync(device)
-                        start = time.perf_counter()
-                        out = call(mb, fb)
-                        sync(device)
-                        times[name].append(time.perf_counter() - start)
-                        iters = getattr(net, "last_iterations", None)
-                        if ":" not in name:
-                            iterations[name] = iters.float().mean(0).tolist() if iters is not None else None
-                            outputs[name] = out
+                _timed_rounds(entries, mb, fb, repeats, sync, device, times, iterations, outputs)
+                # training steps apart, after their own warm-up: a training run pays the steady state, which the
+                # process reaches once its kept heap stops growing (on the development CPU after the second step)
+                for _ in range(max(1, warmup, train_warmup) if train_entries else 0):
+                    for name, _net, call in train_entries:
+                        call(mb, fb)
+                _timed_rounds(train_entries, mb, fb, repeats, sync, device, times, iterations, outputs)
+                entries += train_entries
                 group = []
                 for name, net, call in entries:
                     row = {"size": list(size), "batch": batch, "autocast": amp, "method": name,
@@ -186,8 +204,10 @@ def speed_study(
                     log(f"speed {size} batch {batch} autocast {amp} {name}: {row['time_s']:.3f} s "
                         f"(rounds {[round(t, 2) for t in times[name]]}), peak {row['peak_mb']:.0f} MiB, "
                         f"iterations {row['iterations']}")
-                ref = next((r for r in group if r["method"] == reference), None)
-                for r in group:
+                by_method = {r["method"]: r for r in group}
+                for r in group:  # like with like: an encoder row against the reference's encoder, a training step
+                    kind = r["method"].split(":")[0] + ":" if ":" in r["method"] else ""
+                    ref = by_method.get(kind + reference)
                     r["ipear_ratio"] = ref["time_s"] / r["time_s"] if ref is not None else None
                 rows += group
     return rows
