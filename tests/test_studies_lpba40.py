@@ -90,3 +90,28 @@ def test_evaluate_scores_every_controller_and_the_identity(tmp_path):
     assert all(min(r["iterations"]) >= 3 for r in rows["iPEAR (TCI)"])  # window t = 3
     table = format_lpba40_tables(results)
     assert any(line.startswith("| iPEAR (TCI) |") for line in table)
+
+
+def test_autocast_twins_run_the_same_networks_under_autocast(tmp_path):
+    """``--autocast`` adds, per method, a twin on the same weights whose forward runs under ``torch.autocast``
+    (bfloat16 on CPU), so the study measures the agreement of the reduced precision with float32."""
+    import torch
+
+    from monai_ipear.benchmark.methods import make_network
+    from monai_ipear.studies.lpba40 import lpba40_methods
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "ipear.pt")
+    torch.save({"model": make_network("ipear").state_dict()}, path)
+    methods = lpba40_methods({"ipear": path}, autocast=True)
+    names = [m.name for m in methods]
+    assert names[4:] == [f"{n}, autocast" for n in names[:4]]
+    seen = []
+    hook = methods[0].network.encoder.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    moving, fixed = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    plain, reduced = methods[2].register(moving, fixed), methods[6].register(moving, fixed)  # fixed 3, both
+    hook.remove()
+    assert seen == [False, True]
+    assert methods[6].network is methods[2].network  # same weights, same controller
+    assert plain.dtype == reduced.dtype == torch.float32 and not torch.equal(plain, reduced)
+    assert (plain - reduced).abs().max() < 1.0  # voxels: an untrained network's small field

@@ -89,11 +89,19 @@ class BenchmarkMethod:
         return self.register is not None
 
 
-def _net_method(name: str, net: torch.nn.Module, note: str) -> BenchmarkMethod:
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The reduced precision the benchmark and the studies use under ``torch.autocast``: float16 on CUDA, bfloat16
+    elsewhere (CPUs with AVX512-BF16 or AMX run it natively)."""
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def _net_method(name: str, net: torch.nn.Module, note: str, autocast: bool = False) -> BenchmarkMethod:
+    """A learned method; ``autocast``: its forward under ``torch.autocast`` (:func:`autocast_dtype`), field in float32."""
     net = net.eval()
 
     def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        kind = moving.device.type
+        with torch.no_grad(), torch.autocast(kind, dtype=autocast_dtype(kind), enabled=autocast):
             return net(moving, fixed).float()
 
     return BenchmarkMethod(name, register, sum(p.numel() for p in net.parameters()), net, note)

@@ -18,6 +18,7 @@ from monai.transforms import Resize
 
 from ..controllers import FixedIterations
 from .memory import peak_memory_in_fresh_process
+from .methods import autocast_dtype
 
 __all__ = ["speed_study", "fixed_at_counts"]
 
@@ -45,7 +46,7 @@ class _Call:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        return autocast_dtype(self.device_type)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor):
         self.net.to(a.device)

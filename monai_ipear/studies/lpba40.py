@@ -107,8 +107,9 @@ def load_trained(arch: str, path: str) -> torch.nn.Module:
     return net.eval()
 
 
-def lpba40_methods(checkpoints: dict[str, str]) -> list:
-    """Benchmark methods of the study: every trained network under the controllers the paper compares."""
+def lpba40_methods(checkpoints: dict[str, str], autocast: bool = False) -> list:
+    """Benchmark methods of the study: every trained network under the controllers the paper compares; with
+    ``autocast`` each also under ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA), named ``"<method>, autocast"``."""
     from ..benchmark.methods import _net_method, _shallow_with_controller
     from ..controllers import TCI, FixedIterations, IterStop, SinglePass
 
@@ -125,6 +126,8 @@ def lpba40_methods(checkpoints: dict[str, str]) -> list:
             rows.append(_net_method(name, _shallow_with_controller(net, ctrl), ""))
     if "voxelmorph" in checkpoints:
         rows.append(_net_method("VoxelMorph (MONAI)", load_trained("voxelmorph", checkpoints["voxelmorph"]), ""))
+    if autocast:
+        rows += [_net_method(f"{m.name}, autocast", m.network, m.note, autocast=True) for m in list(rows)]
     return rows
 
 
@@ -141,11 +144,11 @@ def _load_pairs(dataset_dir: str, split: str) -> list[dict]:
 
 
 def evaluate_lpba40(dataset_dir: str, checkpoints: dict[str, str], protocols=("validation_atlas", "validation"),
-                    log=print) -> dict:
+                    log=print, autocast: bool = False) -> dict:
     """``{protocol: {method: [per-pair rows]}}`` (Dice over the 56 labels, HD95, folding, time, updates per level)."""
     from ..benchmark.harness import run_benchmark
 
-    methods = lpba40_methods(checkpoints)
+    methods = lpba40_methods(checkpoints, autocast)
     with open(os.path.join(dataset_dir, "dataset.json")) as f:
         labels = list(range(1, len(json.load(f)["label_codes"]) + 1))  # the renumbered structures (56 for LPBA40)
     results = {}
@@ -208,6 +211,8 @@ def lpba40_main(argv=None) -> None:
     ev.add_argument("--protocols", nargs="+", default=["validation_atlas", "validation"],
                     help="datalist splits to score (default: both validation protocols)")
     ev.add_argument("--out", required=True, help="JSON file of per-pair results")
+    ev.add_argument("--autocast", action="store_true",
+                    help="also run every network under torch.autocast (bfloat16 on CPU): the agreement with float32")
     pl = sub.add_parser("plot", help="validation Dice against training steps")
     pl.add_argument("--run", action="append", required=True, help="NAME=bundle_root of a training run")
     pl.add_argument("--every", type=int, required=True, help="val_every_iterations of the runs")
@@ -219,7 +224,7 @@ def lpba40_main(argv=None) -> None:
         ckpts = {k: getattr(a, k) for k in ("ipear", "rpnet", "voxelmorph") if getattr(a, k)}
         if not ckpts:
             p.error("give at least one of --ipear, --rpnet, --voxelmorph")
-        results = evaluate_lpba40(a.dataset_dir, ckpts, tuple(a.protocols))
+        results = evaluate_lpba40(a.dataset_dir, ckpts, tuple(a.protocols), autocast=a.autocast)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
         print("\n".join(format_lpba40_tables(results)))
