@@ -98,7 +98,7 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--speed-train-sizes", nargs="*", default=None, type=_size,
                    help="sizes (among --speed-sizes) at which training steps are timed (default: all)")
     p.add_argument("--speed-train-warmup", type=int, default=2,
-                   help="untimed training steps per method before the timed ones (at least --warmup)")
+                   help="untimed training steps per method before the timed ones")
     p.add_argument("--fixed-at-tci", action="store_true",
                    help="also time iPEAR with fixed updates per level equal to TCI's counts on the pair")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
@@ -182,7 +182,7 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
                             train_warmup=a.speed_train_warmup)
         notes.append(f"speed: pair '{pair_name}' resized (trilinear) to each size; {a.warmup} warm-up round(s), then "
                      f"{a.repeats} interleaved rounds (each method once per round), median; training steps after "
-                     f"the inference rounds, with {max(1, a.warmup, a.speed_train_warmup)} untimed step(s) each first, "
+                     f"the inference rounds, with {a.speed_train_warmup} untimed step(s) each first, "
                      "then interleaved among themselves; 'iPEAR / this' divides like by like (an encoder by iPEAR's "
                      "encoder, a training step by iPEAR's training step); peak memory: one fresh "
                      "process per row (CPU: peak resident set size of that process during the call, VmHWM reset "

@@ -134,8 +134,8 @@ def speed_study(
         fixed_at_tci: add ``<reference>-fixed-at-tci``: the reference network with, per level, as many fixed updates
             as its controller made in the warm-up call (batch 1: the same decoder passes without the control).
         train_sizes: the sizes at which the training steps are timed (default: every size).
-        train_warmup: untimed training steps per method before the training rounds (at least ``warmup``). The
-            training steps are timed after the inference rounds, interleaved among themselves only.
+        train_warmup: untimed training steps per method before the training rounds. The training steps are timed
+            after the inference rounds, interleaved among themselves only.
         memory: measure each row's peak memory in a fresh process (CPU: peak resident set size of that process,
             ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``).
 
@@ -182,7 +182,7 @@ def speed_study(
                 _timed_rounds(entries, mb, fb, repeats, sync, device, times, iterations, outputs)
                 # training steps apart, after their own warm-up: a training run pays the steady state, which the
                 # process reaches once its kept heap stops growing (on the development CPU after the second step)
-                for _ in range(max(1, warmup, train_warmup) if train_entries else 0):
+                for _ in range(train_warmup):
                     for name, _net, call in train_entries:
                         call(mb, fb)
                 _timed_rounds(train_entries, mb, fb, repeats, sync, device, times, iterations, outputs)

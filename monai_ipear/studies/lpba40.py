@@ -127,7 +127,7 @@ def lpba40_methods(checkpoints: dict[str, str], autocast: bool = False) -> list:
     if "voxelmorph" in checkpoints:
         rows.append(_net_method("VoxelMorph (MONAI)", load_trained("voxelmorph", checkpoints["voxelmorph"]), ""))
     if autocast:
-        rows += [_net_method(f"{m.name}, autocast", m.network, m.note, autocast=True) for m in list(rows)]
+        rows += [_net_method(f"{m.name}, autocast", m.network, m.note, autocast=True) for m in rows]
     return rows
 
 

@@ -103,9 +103,11 @@ class SqueezeExcitationBlock(ChannelSELayer):
         """``x`` ``(B, C, *spatial)`` times its channel weights; ``inplace``: the caller gives ``x`` away, which is
         then multiplied in place where no autograd records it (MONAI's ``ChannelSELayer`` without its residual
         option)."""
+        if not inplace:
+            return super().forward(x)
         b, c = x.shape[:2]
         weights = self.fc(self.avg_pool(x).view(b, c)).view([b, c] + [1] * (x.ndim - 2))
-        return x.mul_(weights) if inplace and _may_overwrite(x, weights) else x * weights
+        return x.mul_(weights) if _may_overwrite(x, weights) else x * weights
 
 
 class FARMSpatialAttention(nn.Module):
