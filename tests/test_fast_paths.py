@@ -7,7 +7,7 @@ import torch
 import monai_ipear
 from monai_ipear.controllers import TCI, FixedIterations, IterStop
 from monai_ipear.controllers.similarity import PreparedSimilarity, global_ncc, global_ncc_iirp, negative_mse
-from monai_ipear.networks.blocks.fields import FieldComposer, crop_to
+from monai_ipear.networks.blocks.fields import FieldComposer, crop_to, resize_ddf
 from monai_ipear.networks.nets import use_reference_paths
 
 
@@ -71,6 +71,32 @@ def test_fast_warp_and_compose_equal_monai_warp(padding_mode, size):
     assert torch.allclose(fast.compose(ddf, 0.5 * ddf), ref.compose(ddf, 0.5 * ddf), atol=1e-4)
     labels = torch.randint(0, 5, (2, 1, *size)).float()
     assert torch.equal(fast.warp(labels, ddf, mode="nearest"), ref.warp(labels, ddf, mode="nearest"))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("size,factor", [((5, 4), 4), ((3, 5, 4), 2), ((2, 3, 2), 8)])
+def test_warp_upsampled_equals_warp_of_the_upsampled_field(padding_mode, size, factor):
+    # the full-resolution warp of a coarse field (what TCI evaluates after every update at a coarse level)
+    torch.manual_seed(0)
+    fast, ref = FieldComposer(padding_mode), FieldComposer(padding_mode, fast=False)
+    full = [s * factor for s in size]
+    image, ddf = torch.rand(2, 1, *full), 0.7 * torch.randn(2, len(size), *size)
+    expected = ref.warp(image, resize_ddf(ddf, factor))
+    assert (fast.warp_upsampled(image, ddf, factor) - expected).abs().max() <= 1e-5
+    assert (fast.warp_upsampled(image, ddf, factor) - image).abs().max() > 0.05  # the field moves the image
+    assert torch.equal(ref.warp_upsampled(image, ddf, factor), expected)  # the reference path is the plain one
+    fine = resize_ddf(ddf, factor)
+    assert torch.equal(fast.warp_upsampled(image, fine, 1), fast.warp(image, fine))
+
+
+def test_identity_grids_are_kept_per_shape():
+    # a pyramid under TCI alternates between a level's grid and the full-resolution grid after every update
+    fc = FieldComposer()
+    a, b = fc._identity_grid((6, 5, 4), torch.device("cpu")), fc._identity_grid((12, 10, 8), torch.device("cpu"))
+    assert fc._identity_grid((6, 5, 4), "cpu")[0] is a[0] and fc._identity_grid((12, 10, 8), "cpu")[0] is b[0]
+    for n in range(FieldComposer.GRID_CACHE_SIZE + 2):
+        fc._identity_grid((n + 2, 3), "cpu")
+    assert len(fc._grid_cache) == FieldComposer.GRID_CACHE_SIZE
 
 
 @pytest.mark.parametrize("fn", [global_ncc, global_ncc_iirp, negative_mse])

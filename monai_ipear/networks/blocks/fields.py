@@ -63,18 +63,24 @@ class FieldComposer(torch.nn.Module):
         self.fast = fast
         self.warp_linear = Warp(mode="bilinear", padding_mode=padding_mode)
         self.warp_nearest = Warp(mode="nearest", padding_mode=padding_mode)
-        self._grid_cache: tuple | None = None
+        # one identity grid per shape: a pyramid warps at every level's resolution and, under iteration control,
+        # at full resolution after every update (a single-entry cache was rebuilt at each of those switches)
+        self._grid_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    GRID_CACHE_SIZE = 8  # shapes kept (a pyramid of L levels uses L, plus its full-resolution grid)
 
     def _identity_grid(self, spatial, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Channels-last normalised identity grid ``(1, *spatial, nd)`` (x, y, z order) and per-channel scales."""
-        key = (tuple(spatial), device)
-        if self._grid_cache is None or self._grid_cache[0] != key:
+        key = (tuple(spatial), torch.device(device))
+        if key not in self._grid_cache:
             scales = [2.0 / max(s - 1, 1) for s in spatial]
             axes = [torch.arange(s, device=device, dtype=torch.float32) * sc - 1.0 for s, sc in zip(spatial, scales)]
             grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
             scale = torch.tensor(scales[::-1], device=device, dtype=torch.float32)
-            self._grid_cache = (key, grid, scale)
-        return self._grid_cache[1], self._grid_cache[2]
+            if len(self._grid_cache) >= self.GRID_CACHE_SIZE:
+                self._grid_cache.pop(next(iter(self._grid_cache)))  # oldest first
+            self._grid_cache[key] = (grid, scale)
+        return self._grid_cache[key]
 
     def warp(self, image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """Warp ``image`` ``(B, C, *spatial)`` with ``ddf`` ``(B, spatial_dims, *spatial)``: ``image(x + ddf(x))``.
@@ -95,6 +101,30 @@ class FieldComposer(torch.nn.Module):
         if warp.ref_grid is not None and warp.ref_grid.device != ddf.device:
             warp.ref_grid = None  # MONAI caches the grid by shape only; drop it when the device changes
         return warp(image.float(), ddf)
+
+    def warp_upsampled(self, image: torch.Tensor, ddf: torch.Tensor, factor: int) -> torch.Tensor:
+        """``warp(image, resize_ddf(ddf, factor))`` (linear) without the full-resolution field.
+
+        ``image`` ``(B, C, *spatial)``, ``ddf`` ``(B, spatial_dims, *spatial / factor)`` in voxels of its own grid.
+        Linear upsampling with ``align_corners=True`` reproduces an affine function exactly, so upsampling the
+        normalised sampling grid built at the field's resolution (identity + scaled field) gives the
+        full-resolution grid of the upsampled field: one full-resolution pass (the upsampling, written as the grid
+        that ``grid_sample`` reads) instead of two (upsampling the field, then adding it to the identity). The
+        same function up to float rounding of the grid (tested). Iteration controllers use it to warp the moving
+        image at full resolution after every update at a coarse level.
+        """
+        ddf = ddf.float()
+        spatial_dims = ddf.ndim - 2
+        full = [s * factor for s in ddf.shape[2:]]
+        if factor == 1 or not self.fast or torch.jit.is_scripting() or list(image.shape[2:]) != full:
+            return self.warp(image, resize_ddf(ddf, factor))
+        if ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
+            raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} do not match.")
+        identity, _ = self._identity_grid(ddf.shape[2:], ddf.device)
+        _, scale = self._identity_grid(full, ddf.device)
+        grid = torch.addcmul(identity, ddf.movedim(1, -1).flip(-1), scale * factor).movedim(-1, 1).contiguous()
+        grid = F.interpolate(grid, size=full, mode=_interp_mode(spatial_dims), align_corners=True)
+        return _grid_sample(image.float(), grid.movedim(1, -1), self.padding_mode)
 
     def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
         """Compose a residual ``delta`` onto ``ddf``: ``ddf(x + delta(x)) + delta(x)``; ``None`` means identity."""

@@ -183,7 +183,7 @@ class PyramidRegistrationNet(nn.Module):
 
             def evaluate(u, index, lvl=lvl, controller=controller):
                 # the similarity of the image's own extent: the padding added above is cropped off both images
-                warped = crop_to(self.fields.warp(select_samples(moving, index), resize_ddf(u, 2**lvl)), spatial)
+                warped = crop_to(self.fields.warp_upsampled(select_samples(moving, index), u, 2**lvl), spatial)
                 return prepared(controller.similarity)(warped, index)
 
             ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=coarsest)
