@@ -61,6 +61,35 @@ def test_training_step_gradients_equal_reference(spatial_dims, size):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("in_channels,size", [(1, (2, 1, 9, 7)), (3, (2, 3, 6, 5, 7))])
+def test_channels_last_training_block_equals_the_plain_block(in_channels, size, monkeypatch):
+    from monai_ipear.networks.blocks.encoders import ConvGELUBlock
+
+    torch.manual_seed(0)
+    fast = ConvGELUBlock(len(size) - 2, in_channels, 4, channels_last_training=True)
+    plain = ConvGELUBlock(len(size) - 2, in_channels, 4)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.rand(*size) * 3 + 1  # a non-zero mean, as images have
+    calls = []
+    monkeypatch.setattr(fast, "_forward_channels_last", lambda t, f=fast._forward_channels_last: calls.append(1) or f(t))
+    outs, grads = [], []
+    for block in (fast, plain):
+        xi = x.clone().requires_grad_(in_channels > 1)
+        y = block(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        outs.append(y)
+        grads.append([p.grad for p in block.parameters()] + ([xi.grad] if xi.requires_grad else []))
+    assert calls == [1] and outs[0].is_contiguous()
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    with torch.no_grad():  # inference takes the plain path
+        assert torch.equal(fast(x), plain(x)) and calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the statistics in float32, as instance norm under autocast
+        a, b = fast(x.requires_grad_()), plain(x)
+    assert calls == [1, 1] and a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 0.05 * b.abs().max()
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("size", [(7, 9), (6, 5, 8), (1, 6, 5)])
 def test_fast_warp_and_compose_equal_monai_warp(padding_mode, size):

@@ -37,12 +37,13 @@ def use_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
 def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
     """Switch every fast path inside ``module`` to its reference implementation (or back): neighborhood attention
     by gathering (``implementation="gather"``), warps by MONAI's ``Warp`` (``FieldComposer.fast = False``), FARM's
-    few-output convolutions as plain convolutions (``FARM.fast = False``) and contiguous decoder weights
-    (:func:`use_channels_last`).
+    few-output convolutions as plain convolutions (``FARM.fast = False``), contiguous decoder weights
+    (:func:`use_channels_last`) and the encoder's channels-first training path (``ConvGELUBlock.fast = False``).
 
     Both compute the same function (tests check fields within 1e-4 voxels and equal update counts); the reference
     paths exist to prove it and to measure the speed-up. Returns ``module``.
     """
+    from ..blocks.encoders import ConvGELUBlock
     from ..blocks.farm import FARM
     from ..blocks.fields import FieldComposer
     from ..blocks.neighborhood_attention import NeighborhoodAttention
@@ -53,6 +54,8 @@ def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
         elif isinstance(m, FieldComposer):
             m.fast = not reference
         elif isinstance(m, FARM):
+            m.fast = not reference
+        elif isinstance(m, ConvGELUBlock):
             m.fast = not reference
         elif isinstance(m, PyramidRegistrationNet):
             use_channels_last(m.decoders, not reference)
