@@ -121,8 +121,9 @@ class FieldComposer(torch.nn.Module):
         if ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
             raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} do not match.")
         identity, _ = self._identity_grid(ddf.shape[2:], ddf.device)
-        _, scale = self._identity_grid(full, ddf.device)
-        grid = torch.addcmul(identity, ddf.movedim(1, -1).flip(-1), scale * factor).movedim(-1, 1).contiguous()
+        # voxels of the full grid -> normalised units, times the factor that converts coarse voxels to full ones
+        scale = torch.tensor([2.0 * factor / max(s - 1, 1) for s in full[::-1]], device=ddf.device)
+        grid = torch.addcmul(identity, ddf.movedim(1, -1).flip(-1), scale).movedim(-1, 1).contiguous()
         grid = F.interpolate(grid, size=full, mode=_interp_mode(spatial_dims), align_corners=True)
         return _grid_sample(image.float(), grid.movedim(1, -1), self.padding_mode)
 
