@@ -13,7 +13,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 
-from .neighborhood_attention import NeighborhoodAttention
+from .neighborhood_attention import NeighborhoodAttention, _tracing
 
 __all__ = ["FeaturePyramidEncoder", "ConvEncoder", "NAEncoder", "NABlock", "ConvGELUBlock"]
 
@@ -115,10 +115,6 @@ class ConvGELUBlock(nn.Module):
         var, mean = torch.var_mean(yf, dim=tuple(range(2, y.ndim)), keepdim=True, correction=0)
         y = self.conv.adn.A(((yf - mean) * (var + self.conv.adn.N.eps).rsqrt()).to(y.dtype))
         return y + self.res(y)  # the convolution follows its channels-last input
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 class NABlock(nn.Module):
