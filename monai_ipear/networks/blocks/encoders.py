@@ -85,9 +85,10 @@ class ConvGELUBlock(nn.Module):
     Why: the iPEAR encoder's full-resolution block (8 channels at 160x192x160) dominates its training step on CPU,
     and oneDNN's channels-first convolution backward is slow there, while a partly channels-last block pays more in
     mixed-layout element-wise backward than it gains (measured on the development CPU, iPEAR training step at
-    160x192x160, 2 threads, A/B in one process: 12.4 s -> 11.5 s channels-last throughout, about -0.3 s with
-    channels-last weights alone). Inference stays channels-first: the channels-last instance-norm statistics cost
-    more than the convolutions gain there (encoder 0.98 s -> 1.1-1.3 s).
+    160x192x160, 2 threads, A/B in one process: 12.4 s -> 11.5 s with the level-1 block channels-last throughout,
+    about -0.3 s with channels-last weights alone; the blocks of levels 2-4 as well: a further -0.2 s).
+    Inference stays channels-first: the channels-last instance-norm statistics cost more than the convolutions
+    gain there (encoder 0.98 s -> 1.1-1.3 s).
 
     Input ``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``.
     """
@@ -172,13 +173,13 @@ class NAEncoder(FeaturePyramidEncoder):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = tuple(channels)
-        # level 1 (full resolution) trains channels-last on CPU (see ConvGELUBlock)
+        # the conv blocks train channels-last on CPU (see ConvGELUBlock)
         self.levels = nn.ModuleList([ConvGELUBlock(spatial_dims, in_channels, channels[0], channels_last_training=True)])
         for i in range(1, len(channels)):
             self.levels.append(
                 nn.Sequential(
                     Pool["avg", spatial_dims](2),
-                    ConvGELUBlock(spatial_dims, channels[i - 1], channels[i]),
+                    ConvGELUBlock(spatial_dims, channels[i - 1], channels[i], channels_last_training=True),
                     NABlock(spatial_dims, channels[i], num_heads[i - 1], kernel_size, use_natten),
                 )
             )
