@@ -213,6 +213,36 @@ def test_depth_split_conv_equals_the_plain_convolution_with_gradients(spatial_di
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (20, 18)), (3, (12, 10, 14))])
+def test_farm_training_paths_give_the_reference_gradients(spatial_dims, size):
+    """In training FARM makes R channels-last and SEB hands its pooling gradient back expanded: same gradients."""
+    import copy
+
+    from monai_ipear.networks.blocks.farm import FARM, SqueezeExcitationBlock
+    from monai_ipear.networks.nets import use_channels_last
+
+    torch.manual_seed(0)
+    fast = use_channels_last(FARM(spatial_dims, 8, 16))
+    ref = copy.deepcopy(fast)
+    ref.fast = False
+    assert fast.seb.fast and not ref.seb.fast
+    m0, f = torch.randn(2, 8, *size), torch.randn(2, 8, *size)
+    results = []
+    for farm in (fast, ref):
+        m = m0.clone().requires_grad_()
+        y = farm(m, f)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results.append([m.grad] + [p.grad for p in farm.parameters()])
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6, (a - b).abs().max()
+    seb = SqueezeExcitationBlock(spatial_dims, 6, 2)
+    x = torch.rand(2, 6, *size, requires_grad=True)
+    (gx,) = torch.autograd.grad((seb(x) ** 2).sum(), x)
+    seb.fast = False
+    (gr,) = torch.autograd.grad((seb(x) ** 2).sum(), x)
+    assert (gx - gr).abs().max() <= 1e-5 * gr.abs().max()
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (20, 18)), (3, (12, 10, 14))])
 def test_farm_fast_convolutions_and_channels_last_equal_reference(spatial_dims, size):
     """FARM's depth-split SAB / Cl3 convolutions and the channels-last decoder weights change no value."""
     import copy
