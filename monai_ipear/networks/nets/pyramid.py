@@ -38,9 +38,8 @@ def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
     """Switch every fast path inside ``module`` to its reference implementation (or back): neighborhood attention
     by gathering (``implementation="gather"``), warps by MONAI's ``Warp`` (``FieldComposer.fast = False``), FARM's
     few-output convolutions as plain convolutions and its training without the layout changes (``FARM.fast = False``),
-    contiguous decoder weights
-    (:func:`use_channels_last`) and plain (channels-first) training of the encoder's full-resolution block
-    (``ConvGELUBlock.fast = False``).
+    contiguous decoder weights (:func:`use_channels_last`) and plain (channels-first) training of the NA encoder's
+    conv blocks (``ConvGELUBlock.fast = False``).
 
     Both compute the same function (tests check fields within 1e-4 voxels and equal update counts); the reference
     paths exist to prove it and to measure the speed-up. Returns ``module``.
