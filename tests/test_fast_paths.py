@@ -66,9 +66,10 @@ def test_channels_last_training_block_equals_the_plain_block(in_channels, size, 
     from monai_ipear.networks.blocks.encoders import ConvGELUBlock
 
     torch.manual_seed(0)
-    fast = ConvGELUBlock(len(size) - 2, in_channels, 4, channels_last_training=True)
+    fast = ConvGELUBlock(len(size) - 2, in_channels, 4)
     plain = ConvGELUBlock(len(size) - 2, in_channels, 4)
     plain.load_state_dict(fast.state_dict())
+    plain.fast = False
     x = torch.rand(*size) * 3 + 1  # a non-zero mean, as images have
     calls = []
     monkeypatch.setattr(fast, "_forward_channels_last", lambda t, f=fast._forward_channels_last: calls.append(1) or f(t))
@@ -104,18 +105,20 @@ def test_fast_warp_and_compose_equal_monai_warp(padding_mode, size):
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 @pytest.mark.parametrize("size,factor", [((5, 4), 4), ((3, 5, 4), 2), ((2, 3, 2), 8)])
-def test_warp_upsampled_equals_warp_of_the_upsampled_field(padding_mode, size, factor):
+def test_warp_of_a_coarse_field_equals_warp_of_the_upsampled_field(padding_mode, size, factor):
     # the full-resolution warp of a coarse field (what TCI evaluates after every update at a coarse level)
     torch.manual_seed(0)
     fast, ref = FieldComposer(padding_mode), FieldComposer(padding_mode, fast=False)
     full = [s * factor for s in size]
     image, ddf = torch.rand(2, 1, *full), 0.7 * torch.randn(2, len(size), *size)
     expected = ref.warp(image, resize_ddf(ddf, factor))
-    assert (fast.warp_upsampled(image, ddf, factor) - expected).abs().max() <= 1e-5
-    assert (fast.warp_upsampled(image, ddf, factor) - image).abs().max() > 0.05  # the field moves the image
-    assert torch.equal(ref.warp_upsampled(image, ddf, factor), expected)  # the reference path is the plain one
+    assert (fast.warp(image, ddf, factor=factor) - expected).abs().max() <= 1e-5
+    assert (fast.warp(image, ddf, factor=factor) - image).abs().max() > 0.05  # the field moves the image
+    assert torch.equal(ref.warp(image, ddf, factor=factor), expected)  # the reference path is the plain one
     fine = resize_ddf(ddf, factor)
-    assert torch.equal(fast.warp_upsampled(image, fine, 1), fast.warp(image, fine))
+    assert torch.equal(fast.warp(image, fine, factor=1), fast.warp(image, fine))
+    with pytest.raises(ValueError, match="do not match"):
+        fast.warp(image, ddf)  # a coarse field without its factor
 
 
 def test_identity_grids_are_kept_per_shape():

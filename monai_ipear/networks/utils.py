@@ -1,10 +1,15 @@
-"""Input checks shared by the registration networks."""
+"""Input checks and layout helpers shared by the registration networks."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_registration_pair"]
+__all__ = ["check_registration_pair", "channels_last_format"]
+
+
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of a 4D (2D images) or 5D (3D volumes) tensor."""
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
 
 
 def check_registration_pair(

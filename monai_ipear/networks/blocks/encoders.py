@@ -13,6 +13,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 
+from ..utils import channels_last_format
 from .neighborhood_attention import NeighborhoodAttention, _tracing
 
 __all__ = ["FeaturePyramidEncoder", "ConvEncoder", "NAEncoder", "NABlock", "ConvGELUBlock"]
@@ -64,7 +65,7 @@ class _ChannelsFirst(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        ctx.fmt = channels_last_format(x.ndim)
         return x.contiguous()
 
     @staticmethod
@@ -78,9 +79,11 @@ class ConvGELUBlock(nn.Module):
     Args:
         spatial_dims: 2 or 3.
         in_channels, out_channels: feature channels.
-        channels_last_training: on CPU, while gradients are recorded, run the block channels-last and return a
-            contiguous map (the gradient flows back channels-last). The same function up to float rounding
-            (tested); ``False`` is the plain path (always used for inference and on other devices).
+
+    ``fast`` (default True): on CPU, while gradients are recorded, the block runs channels-last and returns a
+    contiguous map (the gradient flows back channels-last); the same function up to float rounding (tested).
+    ``False`` (:func:`~monai_ipear.networks.nets.use_reference_paths`) is the plain path, which inference and other
+    devices always take.
 
     Why: the iPEAR encoder's full-resolution block (8 channels at 160x192x160) dominates its training step on CPU,
     and oneDNN's channels-first convolution backward is slow there, while a partly channels-last block pays more in
@@ -93,23 +96,21 @@ class ConvGELUBlock(nn.Module):
     Input ``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels_last_training: bool = False) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv = Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, act="gelu", norm="instance")
         self.res = Convolution(spatial_dims, out_channels, out_channels, kernel_size=3, act="gelu", norm=None)
-        self.channels_last_training = channels_last_training
-        self.fast = True  # False: the plain path whatever ``channels_last_training`` (``use_reference_paths``)
+        self.fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last_training and self.fast and x.device.type == "cpu" and torch.is_grad_enabled() and not _tracing():
+        if self.fast and x.device.type == "cpu" and torch.is_grad_enabled() and not _tracing():
             return _ChannelsFirst.apply(self._forward_channels_last(x))
         y = self.conv(x)
         return y + self.res(y)
 
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
         # a 1-channel input is contiguous in both layouts and PyTorch then keeps the convolution channels-first
-        y = self.conv.conv(x).contiguous(memory_format=fmt)
+        y = self.conv.conv(x).contiguous(memory_format=channels_last_format(x.ndim))
         # nn.InstanceNorm's kernel makes its input contiguous (channels-first); the same statistics per sample and
         # channel (population variance; MONAI's instance norm has no affine part) keep the map channels-last
         yf = y.float()  # statistics in float32 under autocast too (instance norm's kernel accumulates in float32)
@@ -173,13 +174,12 @@ class NAEncoder(FeaturePyramidEncoder):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = tuple(channels)
-        # the conv blocks train channels-last on CPU (see ConvGELUBlock)
-        self.levels = nn.ModuleList([ConvGELUBlock(spatial_dims, in_channels, channels[0], channels_last_training=True)])
+        self.levels = nn.ModuleList([ConvGELUBlock(spatial_dims, in_channels, channels[0])])
         for i in range(1, len(channels)):
             self.levels.append(
                 nn.Sequential(
                     Pool["avg", spatial_dims](2),
-                    ConvGELUBlock(spatial_dims, channels[i - 1], channels[i], channels_last_training=True),
+                    ConvGELUBlock(spatial_dims, channels[i - 1], channels[i]),
                     NABlock(spatial_dims, channels[i], num_heads[i - 1], kernel_size, use_natten),
                 )
             )

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer, Convolution
 
+from ..utils import channels_last_format
 from .neighborhood_attention import _tracing
 
 __all__ = [
@@ -266,7 +267,7 @@ class FARM(nn.Module):
             # training on CPU: R channels-last like the convolutions that read it (channels-last weights), so that
             # the gradients of its two pathways are summed in one layout (a mixed-layout sum of two 2C-channel
             # gradients cost 0.35 s at level 1, 160x192x160, on the development CPU)
-            r = r.contiguous(memory_format=torch.channels_last if r.ndim == 4 else torch.channels_last_3d)
+            r = r.contiguous(memory_format=channels_last_format(r.ndim))
         if self.rp is None:
             return _few_output_conv(self.cl3, self._attention(r, own=True), self._fast)
         if not _depth_split_applies(r, self._fast):

@@ -82,50 +82,41 @@ class FieldComposer(torch.nn.Module):
             self._grid_cache[key] = (grid, scale)
         return self._grid_cache[key]
 
-    def warp(self, image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-        """Warp ``image`` ``(B, C, *spatial)`` with ``ddf`` ``(B, spatial_dims, *spatial)``: ``image(x + ddf(x))``.
+    def warp(self, image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", factor: int = 1) -> torch.Tensor:
+        """Warp ``image`` ``(B, C, *spatial)`` with ``ddf`` ``(B, spatial_dims, *spatial / factor)``: ``image(x + u(x))``
+        with ``u = resize_ddf(ddf, factor)`` (``ddf`` itself for ``factor`` 1).
 
+        ``factor`` > 1 (a coarse field, e.g. iteration control judging a coarse level at full resolution): the fast
+        path upsamples the normalised sampling grid built at the field's resolution instead of the field (linear
+        upsampling with ``align_corners=True`` reproduces the identity exactly), one full-resolution pass instead of
+        two; the same function up to float rounding of the grid (tested).
         The field is cast to the image's dtype family: sampling runs in float32 under autocast.
         """
         ddf = ddf.float()
         if self.fast and mode != "nearest" and not torch.jit.is_scripting():
             spatial_dims = ddf.ndim - 2
-            if image.shape[2:] != ddf.shape[2:] or ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
-                raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} do not match.")
-            identity, scale = self._identity_grid(ddf.shape[2:], ddf.device)
-            # channel i of the DDF is array axis i; grid_sample wants (x, y[, z]) = reversed axes, normalised
-            flipped = ddf.movedim(1, -1).flip(-1)
-            grid = torch.addcmul(identity, flipped, scale)
-            return _grid_sample(image.float(), grid, self.padding_mode)
+            fine = [s * factor for s in ddf.shape[2:]]
+            if list(image.shape[2:]) != fine or ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
+                raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} (x{factor}) do not match.")
+            return _grid_sample(image.float(), self._sampling_grid(ddf, factor), self.padding_mode)
+        ddf = resize_ddf(ddf, factor)
         warp = self.warp_nearest if mode == "nearest" else self.warp_linear
         if warp.ref_grid is not None and warp.ref_grid.device != ddf.device:
             warp.ref_grid = None  # MONAI caches the grid by shape only; drop it when the device changes
         return warp(image.float(), ddf)
 
-    def warp_upsampled(self, image: torch.Tensor, ddf: torch.Tensor, factor: int) -> torch.Tensor:
-        """``warp(image, resize_ddf(ddf, factor))`` (linear) without the full-resolution field.
-
-        ``image`` ``(B, C, *spatial)``, ``ddf`` ``(B, spatial_dims, *spatial / factor)`` in voxels of its own grid.
-        Linear upsampling with ``align_corners=True`` reproduces an affine function exactly, so upsampling the
-        normalised sampling grid built at the field's resolution (identity + scaled field) gives the
-        full-resolution grid of the upsampled field: one full-resolution pass (the upsampling, written as the grid
-        that ``grid_sample`` reads) instead of two (upsampling the field, then adding it to the identity). The
-        same function up to float rounding of the grid (tested). Iteration controllers use it to warp the moving
-        image at full resolution after every update at a coarse level.
-        """
-        ddf = ddf.float()
-        spatial_dims = ddf.ndim - 2
-        full = [s * factor for s in ddf.shape[2:]]
-        if factor == 1 or not self.fast or torch.jit.is_scripting() or list(image.shape[2:]) != full:
-            return self.warp(image, resize_ddf(ddf, factor))
-        if ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
-            raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} do not match.")
-        identity, _ = self._identity_grid(ddf.shape[2:], ddf.device)
-        # voxels of the full grid -> normalised units, times the factor that converts coarse voxels to full ones
-        scale = torch.tensor([2.0 * factor / max(s - 1, 1) for s in full[::-1]], device=ddf.device)
-        grid = torch.addcmul(identity, ddf.movedim(1, -1).flip(-1), scale).movedim(-1, 1).contiguous()
-        grid = F.interpolate(grid, size=full, mode=_interp_mode(spatial_dims), align_corners=True)
-        return _grid_sample(image.float(), grid.movedim(1, -1), self.padding_mode)
+    def _sampling_grid(self, ddf: torch.Tensor, factor: int) -> torch.Tensor:
+        """Channels-last normalised ``grid_sample`` grid ``(B, *spatial * factor, nd)`` of ``resize_ddf(ddf, factor)``."""
+        identity, scale = self._identity_grid(ddf.shape[2:], ddf.device)
+        # channel i of the DDF is array axis i; grid_sample wants (x, y[, z]) = reversed axes, normalised
+        flipped = ddf.movedim(1, -1).flip(-1)
+        if factor == 1:
+            return torch.addcmul(identity, flipped, scale)
+        fine = [s * factor for s in ddf.shape[2:]]
+        # normalised units of the fine grid, times the factor that turns coarse voxels into fine ones
+        scale = torch.tensor([2.0 * factor / max(s - 1, 1) for s in fine[::-1]], device=ddf.device)
+        grid = torch.addcmul(identity, flipped, scale).movedim(-1, 1).contiguous()
+        return F.interpolate(grid, size=fine, mode=_interp_mode(ddf.ndim - 2), align_corners=True).movedim(1, -1)
 
     def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
         """Compose a residual ``delta`` onto ``ddf``: ``ddf(x + delta(x)) + delta(x)``; ``None`` means identity."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ...controllers import IterationController, SinglePass, controlled_refinement, select_samples
 from ...controllers.similarity import PreparedSimilarity
 from ..blocks.fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
-from ..utils import check_registration_pair
+from ..utils import channels_last_format, check_registration_pair
 
 __all__ = ["PyramidRegistrationNet", "use_reference_paths", "use_channels_last"]
 
@@ -29,7 +29,7 @@ def use_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
         if isinstance(m, nn.modules.conv._ConvNd) and m.weight.dim() in (4, 5):
             fmt = torch.contiguous_format
             if enabled:
-                fmt = torch.channels_last if m.weight.dim() == 4 else torch.channels_last_3d
+                fmt = channels_last_format(m.weight.dim())
             m.weight.data = m.weight.data.contiguous(memory_format=fmt)
     return module
 
@@ -187,7 +187,7 @@ class PyramidRegistrationNet(nn.Module):
 
             def evaluate(u, index, lvl=lvl, controller=controller):
                 # the similarity of the image's own extent: the padding added above is cropped off both images
-                warped = crop_to(self.fields.warp_upsampled(select_samples(moving, index), u, 2**lvl), spatial)
+                warped = crop_to(self.fields.warp(select_samples(moving, index), u, factor=2**lvl), spatial)
                 return prepared(controller.similarity)(warped, index)
 
             ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=coarsest)
