@@ -46,11 +46,13 @@ def _known_pair(n: int, size: int):
 
 @needs_elastix
 @pytest.mark.parametrize("n,size", [(2, 48), (3, 32)])
-def test_elastix_recovers_known_affine(n, size):
+def test_elastix_recovers_known_affine(n, size, tmp_path, monkeypatch):
     moving, fixed, ddf_true, a = _known_pair(n, size)
     result = elastix_register(moving, fixed, transform="affine", num_iterations=200, num_resolutions=2, seed=1,
                               metric="AdvancedNormalizedCorrelation")
+    monkeypatch.chdir(tmp_path)
     ddf = elastix_ddf(result, moving).numpy()
+    assert list(tmp_path.iterdir()) == []  # transformix's deformationField.nii stays out of the working directory
     inside = fixed > 0.1
     err = np.linalg.norm(ddf - ddf_true, axis=0)[inside]
     # stated tolerance: mean displacement error < 0.3 voxel, max < 0.75 voxel over the object, matrix within 0.03

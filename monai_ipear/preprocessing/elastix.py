@@ -13,6 +13,7 @@ numpy/torch, axis order as in MONAI; ITK sees them reversed (``itk.image_from_ar
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -147,7 +148,10 @@ def elastix_ddf(result: ElastixResult, moving) -> torch.Tensor:
     """The transform of ``result`` as a MONAI DDF ``(spatial_dims, *fixed_shape)`` in voxels (pull convention:
     ``warped(x) = moving(x + ddf(x))``, as transformix defines its deformation field)."""
     _require()
-    field = itk.transformix_deformation_field(_to_itk(moving, result.spacing), result.parameters, log_to_console=False)
+    # transformix writes deformationField.nii into its output directory, the working directory by default
+    with tempfile.TemporaryDirectory() as scratch:
+        field = itk.transformix_deformation_field(_to_itk(moving, result.spacing), result.parameters,
+                                                  log_to_console=False, output_directory=scratch)
     arr = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (*spatial, n) in mm, ITK component order
     n = arr.shape[-1]
     comps = [arr[..., n - 1 - i] / result.spacing[i] for i in range(n)]
