@@ -3,11 +3,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import monai_ipear
 from monai_ipear.controllers import TCI, FixedIterations, IterStop
 from monai_ipear.controllers.similarity import PreparedSimilarity, global_ncc, global_ncc_iirp, negative_mse
-from monai_ipear.networks.blocks.fields import FieldComposer, crop_to, resize_ddf
+from monai_ipear.networks.blocks.fields import FieldComposer, crop_to, resize_ddf, upsample_linear
 from monai_ipear.networks.nets import use_reference_paths
 
 
@@ -123,6 +124,26 @@ def test_fast_warp_gradients_equal_monai_warp(size, factor):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
     with torch.no_grad():
         assert (fast.warp(image, ddf, factor=factor) - grads[1][0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 3, 5, 4), (6, 10, 8)), ((1, 3, 2, 3, 2), (16, 24, 16)),
+                                        ((2, 2, 4, 1, 3), (7, 1, 5)), ((2, 3, 5, 4), (10, 8))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_separable_upsampling_equals_the_trilinear_call(shape, size, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    if channels_last and x.ndim == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weights = torch.rand(*shape[:2], *size)
+    outs = []
+    for fn in (upsample_linear, lambda t, s: F.interpolate(t, size=s, mode=("bilinear", "trilinear")[t.ndim - 4], align_corners=True)):
+        t = x.clone().requires_grad_()
+        out = fn(t, size)
+        (out * weights).sum().backward()
+        outs.append((out.detach(), t.grad))
+    assert outs[0][0].shape == (*shape[:2], *size)
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])

@@ -17,11 +17,28 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-__all__ = ["FieldComposer", "resize_ddf", "pad_to_divisible", "crop_to"]
+__all__ = ["FieldComposer", "resize_ddf", "upsample_linear", "pad_to_divisible", "crop_to"]
 
 
 def _interp_mode(spatial_dims: int) -> str:
     return {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial_dims]
+
+
+def upsample_linear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="(bi/tri)linear", align_corners=True)`` for ``x`` ``(B, C, *spatial)``.
+
+    3D runs as two bilinear passes, the in-plane axes first, then the first spatial axis on the flattened planes
+    (its second axis kept as it is); the same interpolation weights in the same order (tested against the
+    trilinear call). Why: PyTorch's CPU trilinear kernel is slower than its bilinear one (a 3-channel
+    160x192x160 output on the 2-core development CPU: 42 ms trilinear, 27-30 ms in two bilinear passes).
+    """
+    if x.ndim != 5:
+        return F.interpolate(x, size=list(size), mode=_interp_mode(x.ndim - 2), align_corners=True)
+    b, c, d, h, w = x.shape
+    D, H, W = (int(s) for s in size)
+    y = F.interpolate(x.reshape(b, c * d, h, w), size=(H, W), mode="bilinear", align_corners=True)
+    y = F.interpolate(y.view(b, c, d, H * W), size=(D, H * W), mode="bilinear", align_corners=True)
+    return y.view(b, c, D, H, W)
 
 
 def resize_ddf(ddf: torch.Tensor, factor: int) -> torch.Tensor:
@@ -39,9 +56,7 @@ def resize_ddf(ddf: torch.Tensor, factor: int) -> torch.Tensor:
     """
     if factor == 1:
         return ddf
-    spatial_dims = ddf.ndim - 2
-    size = [s * factor for s in ddf.shape[2:]]
-    return F.interpolate(factor * ddf, size=size, mode=_interp_mode(spatial_dims), align_corners=True)
+    return upsample_linear(factor * ddf, [s * factor for s in ddf.shape[2:]])
 
 
 class FieldComposer(torch.nn.Module):
@@ -127,7 +142,7 @@ class FieldComposer(torch.nn.Module):
             grid = grid.flip(1)
         if factor != 1:
             fine = [s * factor for s in ddf.shape[2:]]
-            grid = F.interpolate(grid, size=fine, mode=_interp_mode(ddf.ndim - 2), align_corners=True)
+            grid = upsample_linear(grid, fine)
         return grid.movedim(1, -1)
 
     def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
