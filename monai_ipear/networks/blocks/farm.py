@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.1})
+LEAKY_INPLACE = ("leakyrelu", {"negative_slope": 0.1, "inplace": True})  # on the output of the convolution before it
 
 
 def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,7 +199,7 @@ class ResidualPathway(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: int) -> None:
         super().__init__()
-        self.cl1 = Convolution(spatial_dims, in_channels, channels, kernel_size=3, act=LEAKY, norm=None)
+        self.cl1 = Convolution(spatial_dims, in_channels, channels, kernel_size=3, act=LEAKY_INPLACE, norm=None)
         self.res1 = ResidualPathwayUnit(spatial_dims, channels)
         self.res2 = ResidualPathwayUnit(spatial_dims, channels)
         self.cl2 = Convolution(spatial_dims, channels, channels // 2, kernel_size=3, conv_only=True)
