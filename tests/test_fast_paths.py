@@ -126,6 +126,31 @@ def test_fast_warp_gradients_equal_monai_warp(size, factor):
         assert (fast.warp(image, ddf, factor=factor) - grads[1][0]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("channels", [1, 3, 4, 6, 8])
+@pytest.mark.parametrize("size", [(7, 9), (7, 5, 6)])
+def test_threaded_grid_sample_equals_one_call(threads, channels, size, monkeypatch):
+    # a batch of 1 is split into channel groups (every thread >= 2 channels) or slabs along the first axis (odd
+    # sizes: the last slab is padded and cropped); values and gradients equal one grid_sample call
+    from monai_ipear.networks.blocks import fields
+
+    torch.manual_seed(0)
+    image = torch.rand(1, channels, *size)
+    grid = (torch.rand(1, *size, len(size)) * 2.4 - 1.2)
+    weights = torch.rand(1, channels, *size)
+    results = []
+    for split in (True, False):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads if split else 1)
+        x, g = image.clone().requires_grad_(), grid.clone().requires_grad_()
+        out = fields._grid_sample(x, g, "zeros")
+        (out * weights).sum().backward()
+        results.append((out.detach(), x.grad, g.grad))
+    assert results[0][0].shape == (1, channels, *size)
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1:], results[1][1:]):
+        assert (a - b).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("shape,size", [((2, 3, 3, 5, 4), (6, 10, 8)), ((1, 3, 2, 3, 2), (16, 24, 16)),
                                         ((2, 2, 4, 1, 3), (7, 1, 5)), ((2, 3, 5, 4), (10, 8))])
 @pytest.mark.parametrize("channels_last", [False, True])

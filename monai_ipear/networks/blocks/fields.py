@@ -155,26 +155,34 @@ class FieldComposer(torch.nn.Module):
 
 def _grid_sample(image: torch.Tensor, grid: torch.Tensor, padding_mode: str) -> torch.Tensor:
     """``F.grid_sample(image, grid, "bilinear", padding_mode, align_corners=True)``, on CPU with one sample split
-    into one slab per thread along the first output axis.
+    into one part per thread: into groups of channels when every thread gets at least two, otherwise into slabs
+    along the first output axis.
 
     Why by hand: PyTorch's CPU grid sampler runs its samples in parallel and each sample on one thread, so a
     batch of 1 used one of the 2 development cores (a 160x192x160 image on a random grid: 0.50 s with 1 thread,
-    0.51 s with 2; split into 2 slabs: 0.27 s). The slabs
-    are a batch of views of the same input (``expand``, no copy); each output voxel is computed by the same
-    arithmetic, so the result is identical.
+    0.51 s with 2; split into 2 slabs: 0.27 s). Both splits are a batch of views (the channel groups of the image
+    with the grid expanded, or the image expanded with the grid's slabs; no input copy), and every output value is
+    computed by the same arithmetic, so the result is identical. Channel groups also return the output without a
+    copy (slabs of a several-channel output must be interleaved again): 8 channels at 160x192x160 on a smooth
+    field, 2 threads, 427 ms in slabs, 329 ms in channel groups; with one channel per thread slabs are faster.
     """
     threads = torch.get_num_threads()
     if image.device.type != "cpu" or image.shape[0] != 1 or threads < 2 or grid.shape[1] < 2 * threads:
         return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    k, c = threads, image.shape[1]
+    if c % k == 0 and c // k >= 2:
+        groups = image.reshape(k, c // k, *image.shape[2:])
+        out = F.grid_sample(groups, grid.expand(k, *grid.shape[1:]), mode="bilinear", padding_mode=padding_mode,
+                            align_corners=True)  # (k, C / k, ...)
+        return out.view(1, c, *out.shape[2:])
     n = grid.shape[1]
-    k = threads
     step = -(-n // k)
     if step * k != n:  # equal slabs: repeat the last row of the grid, cropped from the output below
         grid = torch.cat([grid, grid[:, -1:].expand(1, step * k - n, *grid.shape[2:])], dim=1)
     slabs = grid.reshape(k, step, *grid.shape[2:])
     out = F.grid_sample(image.expand(k, *image.shape[1:]), slabs, mode="bilinear", padding_mode=padding_mode,
                         align_corners=True)  # (k, C, step, ...)
-    out = out.movedim(0, 1).reshape(1, image.shape[1], k * step, *out.shape[3:])
+    out = out.movedim(0, 1).reshape(1, c, k * step, *out.shape[3:])
     return out[:, :, :n]
 
 
