@@ -194,6 +194,10 @@ def test_identity_grids_are_kept_per_shape():
     fc = FieldComposer()
     a, b = fc._identity_grid((6, 5, 4), torch.device("cpu")), fc._identity_grid((12, 10, 8), torch.device("cpu"))
     assert fc._identity_grid((6, 5, 4), "cpu")[0] is a[0] and fc._identity_grid((12, 10, 8), "cpu")[0] is b[0]
+    # the scales too, per factor (no host-to-device copy per warp): voxels of this grid to the fine grid's units
+    assert fc._identity_grid((6, 5, 4), "cpu")[1] is a[1]
+    assert fc._identity_grid((6, 5, 4), "cpu", 2)[1] is fc._identity_grid((6, 5, 4), "cpu", 2)[1]
+    assert torch.allclose(fc._identity_grid((6, 5, 4), "cpu", 2)[1].flatten(), torch.tensor([4 / 11, 4 / 9, 4 / 7]))
     for n in range(FieldComposer.GRID_CACHE_SIZE + 2):
         fc._identity_grid((n + 2, 3), "cpu")
     assert len(fc._grid_cache) == FieldComposer.GRID_CACHE_SIZE

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_registration_pair", "channels_last_format"]
+__all__ = ["check_registration_pair", "channels_last_format", "tracing", "cpu_training"]
 
 
 def channels_last_format(ndim: int) -> torch.memory_format:
     """The channels-last memory format of a 4D (2D images) or 5D (3D volumes) tensor."""
     return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+def tracing() -> bool:
+    """Whether a graph is being captured (``jit.trace``/``jit.script``, ``torch.export``, ``torch.compile``): the
+    fast paths built on in-place ops and custom autograd functions then give way to plain differentiable ops."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def cpu_training(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on the CPU while autograd records, in eager mode: where the training-only layout paths
+    (``ConvGELUBlock.fast``, ``FARM.fast``) apply."""
+    return x.device.type == "cpu" and torch.is_grad_enabled() and not tracing()
 
 
 def check_registration_pair(

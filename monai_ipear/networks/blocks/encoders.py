@@ -13,8 +13,8 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 
-from ..utils import channels_last_format
-from .neighborhood_attention import NeighborhoodAttention, _tracing
+from ..utils import channels_last_format, cpu_training
+from .neighborhood_attention import NeighborhoodAttention
 
 __all__ = ["FeaturePyramidEncoder", "ConvEncoder", "NAEncoder", "NABlock", "ConvGELUBlock"]
 
@@ -103,7 +103,7 @@ class ConvGELUBlock(nn.Module):
         self.fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and x.device.type == "cpu" and torch.is_grad_enabled() and not _tracing():
+        if self.fast and cpu_training(x):
             return _ChannelsFirst.apply(self._forward_channels_last(x))
         y = self.conv(x)
         return y + self.res(y)

@@ -14,13 +14,14 @@ FARM is the single conv Cl3 on ``R``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer, Convolution
 
-from ..utils import channels_last_format
-from .neighborhood_attention import _tracing
+from ..utils import channels_last_format, cpu_training, tracing
 
 __all__ = [
     "FARM",
@@ -74,12 +75,12 @@ def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _may_overwrite(*tensors: torch.Tensor) -> bool:
     """Whether an op may overwrite these tensors: autograd records none of them and no graph is being captured
     (FARM's in-place paths without autograd; same values, fewer full-size maps alive at once)."""
-    return not _tracing() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not tracing() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _depth_split_applies(x: torch.Tensor, fast: bool) -> bool:
     """Whether FARM's few-output convolutions run as :func:`depth_split_conv` (CPU, eager mode, ``fast``)."""
-    return fast and x.device.type == "cpu" and not _tracing()
+    return fast and x.device.type == "cpu" and not tracing()
 
 
 def _few_output_conv(conv: Convolution, x: torch.Tensor, fast: bool) -> torch.Tensor:
@@ -107,10 +108,7 @@ class _SpatialMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        n = 1
-        for s in ctx.shape[2:]:
-            n *= s
-        return (g / n).view(*g.shape, *[1] * (len(ctx.shape) - 2)).expand(ctx.shape)
+        return (g / math.prod(ctx.shape[2:])).view(*g.shape, *[1] * (len(ctx.shape) - 2)).expand(ctx.shape)
 
 
 class SqueezeExcitationBlock(ChannelSELayer):
@@ -130,7 +128,7 @@ class SqueezeExcitationBlock(ChannelSELayer):
         """``x`` ``(B, C, *spatial)`` times its channel weights; ``inplace``: the caller gives ``x`` away, which is
         then multiplied in place where no autograd records it (MONAI's ``ChannelSELayer`` without its residual
         option)."""
-        expanded_grad = self.fast and torch.is_grad_enabled() and x.requires_grad and not _tracing()
+        expanded_grad = self.fast and torch.is_grad_enabled() and x.requires_grad and not tracing()
         if not inplace and not expanded_grad:
             return super().forward(x)
         b, c = x.shape[:2]
@@ -264,7 +262,7 @@ class FARM(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         r = torch.cat([moving, fixed], dim=1)
-        if self._fast and r.device.type == "cpu" and torch.is_grad_enabled() and not _tracing():
+        if self._fast and cpu_training(r):
             # training on CPU: R channels-last like the convolutions that read it (channels-last weights), so that
             # the gradients of its two pathways are summed in one layout (a mixed-layout sum of two 2C-channel
             # gradients cost 0.35 s at level 1, 160x192x160, on the development CPU)

@@ -29,8 +29,9 @@ def upsample_linear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
     3D runs as two bilinear passes, the in-plane axes first, then the first spatial axis on the flattened planes
     (its second axis kept as it is): the same separable weights, equal to the trilinear call up to float rounding
-    (tested, values and gradients; bit-equal in the probes on the development CPU). Why: PyTorch's CPU trilinear kernel is slower than its bilinear one (a 3-channel
-    160x192x160 output on the 2-core development CPU: 42 ms trilinear, 27-30 ms in two bilinear passes).
+    (tested, values and gradients; bit-equal in the probes on the development CPU). Why: PyTorch's CPU trilinear
+    kernel is slower than its bilinear one (a 3-channel 160x192x160 output on the 2-core development CPU: 42 ms
+    trilinear, 27-30 ms in two bilinear passes).
     """
     if x.ndim != 5:
         return F.interpolate(x, size=list(size), mode=_interp_mode(x.ndim - 2), align_corners=True)
@@ -80,23 +81,26 @@ class FieldComposer(torch.nn.Module):
         self.warp_nearest = Warp(mode="nearest", padding_mode=padding_mode)
         # one identity grid per shape: a pyramid warps at every level's resolution and, under iteration control,
         # at full resolution after every update (a single-entry cache was rebuilt at each of those switches)
-        self._grid_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grid_cache: dict[tuple, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
 
     GRID_CACHE_SIZE = 8  # shapes kept (a pyramid of L levels uses L, plus its full-resolution grid)
 
-    def _identity_grid(self, spatial, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _identity_grid(self, spatial, device, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Channels-first normalised identity grid ``(1, nd, *spatial)`` in array-axis order (channel ``i``: axis ``i``)
-        and the per-axis scales from voxels to normalised units."""
+        and the per-axis scale ``(1, nd, 1, ...)`` from voxels of this grid to normalised units of the grid ``factor``
+        times finer (kept per factor: no host-to-device copy per warp)."""
         key = (tuple(spatial), torch.device(device))
         if key not in self._grid_cache:
-            scales = [2.0 / max(s - 1, 1) for s in spatial]
-            axes = [torch.arange(s, device=device, dtype=torch.float32) * sc - 1.0 for s, sc in zip(spatial, scales)]
-            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
-            scale = torch.tensor(scales, device=device, dtype=torch.float32)
+            axes = [torch.arange(s, device=device, dtype=torch.float32) * (2.0 / max(s - 1, 1)) - 1.0 for s in spatial]
             if len(self._grid_cache) >= self.GRID_CACHE_SIZE:
                 self._grid_cache.pop(next(iter(self._grid_cache)))  # oldest first
-            self._grid_cache[key] = (grid, scale)
-        return self._grid_cache[key]
+            self._grid_cache[key] = (torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None], {})
+        grid, scales = self._grid_cache[key]
+        if factor not in scales:
+            # normalised units of the fine grid, times the factor that turns voxels of this grid into fine ones
+            scale = [2.0 * factor / max(s * factor - 1, 1) for s in spatial]
+            scales[factor] = torch.tensor(scale, device=device, dtype=torch.float32).view(1, -1, *[1] * len(spatial))
+        return grid, scales[factor]
 
     def warp(self, image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", factor: int = 1) -> torch.Tensor:
         """Warp ``image`` ``(B, C, *spatial)`` with ``ddf`` ``(B, spatial_dims, *spatial / factor)``: ``image(x + u(x))``
@@ -110,20 +114,18 @@ class FieldComposer(torch.nn.Module):
         """
         ddf = ddf.float()
         if self.fast and mode != "nearest" and not torch.jit.is_scripting():
-            spatial_dims = ddf.ndim - 2
             fine = [s * factor for s in ddf.shape[2:]]
-            if list(image.shape[2:]) != fine or ddf.shape[1] != spatial_dims or image.shape[0] != ddf.shape[0]:
+            if list(image.shape[2:]) != fine or ddf.shape[1] != ddf.ndim - 2 or image.shape[0] != ddf.shape[0]:
                 raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} (x{factor}) do not match.")
             image = image.float()
-            if torch.is_grad_enabled() and image.requires_grad:
-                # the image's gradient (features in training) is written in the layout it is read in: sample the
-                # image itself with the grid's channels in grid_sample's (x, y[, z]) order
-                return _grid_sample(image, self._sampling_grid(ddf, factor, reverse=True), self.padding_mode)
-            # grid_sample reads grid channel 0 as the input's last axis: presenting the image with its axes reversed
-            # (a view) lets the grid keep the DDF's axis order, so it is built in one channels-first pass (flipping
-            # the channels cost a further copy: 38 ms -> 17 ms per 160x192x160 grid on the development CPU)
-            reversed_axes = image.permute(0, 1, *range(image.ndim - 1, 1, -1))
-            return _grid_sample(reversed_axes, self._sampling_grid(ddf, factor), self.padding_mode)
+            # grid_sample reads grid channel 0 as the input's last axis. Without an image gradient the image is read
+            # through a reversed-axes view, so the grid keeps the DDF's axis order and is built in one channels-first
+            # pass (flipping its channels cost a further copy: 38 -> 17 ms per 160x192x160 grid on the development
+            # CPU); with one (features in training) the image itself is read, with the channel-reversed grid, so that
+            # its gradient is written in the image's own layout.
+            reverse = torch.is_grad_enabled() and image.requires_grad
+            source = image if reverse else image.permute(0, 1, *range(image.ndim - 1, 1, -1))
+            return _grid_sample(source, self._sampling_grid(ddf, factor, reverse), self.padding_mode)
         ddf = resize_ddf(ddf, factor)
         warp = self.warp_nearest if mode == "nearest" else self.warp_linear
         if warp.ref_grid is not None and warp.ref_grid.device != ddf.device:
@@ -133,16 +135,12 @@ class FieldComposer(torch.nn.Module):
     def _sampling_grid(self, ddf: torch.Tensor, factor: int, reverse: bool = False) -> torch.Tensor:
         """Normalised ``grid_sample`` grid ``(B, *spatial * factor, nd)`` of ``resize_ddf(ddf, factor)``: a view of a
         channels-first grid, channels in array-axis order (``reverse``: in grid_sample's x, y[, z] order)."""
-        identity, scale = self._identity_grid(ddf.shape[2:], ddf.device)
-        if factor != 1:
-            # normalised units of the fine grid, times the factor that turns coarse voxels into fine ones
-            scale = torch.tensor([2.0 * factor / max(s * factor - 1, 1) for s in ddf.shape[2:]], device=ddf.device)
-        grid = torch.addcmul(identity, ddf, scale.view(1, -1, *[1] * (ddf.ndim - 2)))
+        identity, scale = self._identity_grid(ddf.shape[2:], ddf.device, factor)
+        grid = torch.addcmul(identity, ddf, scale)
         if reverse:
             grid = grid.flip(1)
         if factor != 1:
-            fine = [s * factor for s in ddf.shape[2:]]
-            grid = upsample_linear(grid, fine)
+            grid = upsample_linear(grid, [s * factor for s in ddf.shape[2:]])
         return grid.movedim(1, -1)
 
     def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:

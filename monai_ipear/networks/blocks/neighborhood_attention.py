@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ..utils import tracing
+
 __all__ = [
     "NeighborhoodAttention",
     "neighborhood_indices",
@@ -126,8 +128,8 @@ def clamped_window_pad(x: torch.Tensor, spatial_dims: int, kernel_size: int) -> 
     the positions outside the map), so that in padded coordinates the window of position ``i`` is ``i .. i + k - 1``.
     Returns ``(..., n + k - 1, ...)`` per axis; differentiable.
     """
-    if _tracing() or not (torch.is_grad_enabled() and x.requires_grad):
-        return _pad_functional(x, int(spatial_dims), int(kernel_size)) if _tracing() else _pad_forward(x, int(spatial_dims), int(kernel_size))
+    if tracing() or not (torch.is_grad_enabled() and x.requires_grad):
+        return _pad_functional(x, int(spatial_dims), int(kernel_size)) if tracing() else _pad_forward(x, int(spatial_dims), int(kernel_size))
     return _ClampedWindowPad.apply(x, int(spatial_dims), int(kernel_size))
 
 
@@ -255,15 +257,11 @@ def shifted_neighborhood_attention(
     """
     if not padded:
         k, v = clamped_window_pad(k, spatial_dims, kernel_size), clamped_window_pad(v, spatial_dims, kernel_size)
-    if _tracing():  # graph capture (jit.trace, torch.export, compile): plain differentiable ops, no autograd.Function
+    if tracing():  # graph capture (jit.trace, torch.export, compile): plain differentiable ops, no autograd.Function
         return _shifted_functional(q, k, v, int(spatial_dims), int(kernel_size))
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _shifted_forward(q, k, v, int(spatial_dims), int(kernel_size), save_attn=False)[0]
     return _ShiftedNA.apply(q, k, v, int(spatial_dims), int(kernel_size))
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def _shifted_functional(q, kp, vp, spatial_dims, kernel_size):
