@@ -169,6 +169,10 @@ def test_separable_upsampling_equals_the_trilinear_call(shape, size, channels_la
     assert outs[0][0].shape == (*shape[:2], *size)
     for a, b in zip(*outs):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+    with torch.no_grad():  # the CPU path without autograd: the first axis plane by plane
+        planes = upsample_linear(x, size)
+    assert planes.shape == outs[1][0].shape
+    assert (planes - outs[1][0]).abs().max() <= 1e-6 * max(1.0, outs[1][0].abs().max().item())
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
