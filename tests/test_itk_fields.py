@@ -138,15 +138,22 @@ def _prealigned_case(root):
     return moving, moving_affine, tfm
 
 
-def test_composite_transform_with_itk_equals_project_warp(case, tmp_path):
+def _composite_warped_by_us(case, tmp_path):
+    """The pre-aligned case's composite (affine + the case's field) written, and the original moving image warped
+    by it in one step with the project's ``warp`` command: ``(moving, moving_affine, tfm, composite, moving_path,
+    ours)``, ``ours`` the warped array on the fixed grid."""
     moving, moving_affine, tfm = _prealigned_case(tmp_path)
-    comp = write_itk_composite(tfm, case["field"], str(tmp_path / "p_composite.h5"))
+    comp = write_itk_composite(tfm, case["field"], str(tmp_path / "composite.h5"))
     moving_path = _save_nifti(moving, moving_affine, tmp_path / "moving.nii.gz")
-    # the project's warp reads the composite and applies it in one step to the ORIGINAL moving image
     assert main(["warp", "--image", moving_path, "--ddf", comp, "--out", str(tmp_path / "ours.nii.gz")]) == 0
     ours = nib.load(str(tmp_path / "ours.nii.gz"))
     assert np.allclose(ours.affine, FIXED_AFFINE, atol=1e-5) and ours.shape == SHAPE
-    ours = ours.get_fdata()
+    return moving, moving_affine, tfm, comp, moving_path, ours.get_fdata()
+
+
+def test_composite_transform_with_itk_equals_project_warp(case, tmp_path):
+    # the project's warp reads the composite and applies it in one step to the ORIGINAL moving image
+    moving, moving_affine, tfm, comp, _, ours = _composite_warped_by_us(case, tmp_path)
     # ITK: the composite read back and applied by ITK's resampler onto the fixed grid
     transform = itk.transformread(comp)[0]
     fixed_ref = _itk_image(np.zeros(SHAPE), FIXED_AFFINE)
@@ -217,11 +224,7 @@ def test_simpleitk_applies_field_and_composite(case, tmp_path):
     res = np.transpose(sitk.GetArrayFromImage(sitk.Resample(moving, moving, field, sitk.sitkLinear, 0.0)), (2, 1, 0))
     assert np.abs(res - case["ours"])[INTERIOR].max() < TOL
 
-    moving_arr, moving_affine, tfm = _prealigned_case(tmp_path)
-    comp = write_itk_composite(tfm, case["field"], str(tmp_path / "c.h5"))
-    moving_path = _save_nifti(moving_arr, moving_affine, tmp_path / "moving.nii.gz")
-    assert main(["warp", "--image", moving_path, "--ddf", comp, "--out", str(tmp_path / "ours.nii.gz")]) == 0
-    ours = nib.load(str(tmp_path / "ours.nii.gz")).get_fdata()
+    moving_arr, moving_affine, _, comp, _, ours = _composite_warped_by_us(case, tmp_path)
     res = sitk.Resample(to_sitk(moving_arr, moving_affine), to_sitk(np.zeros(SHAPE), FIXED_AFFINE),
                         sitk.ReadTransform(comp), sitk.sitkLinear, 0.0)
     assert np.abs(np.transpose(sitk.GetArrayFromImage(res), (2, 1, 0)) - ours)[INTERIOR].max() < TOL
@@ -237,11 +240,7 @@ def test_ants_applies_field_and_composite(case, tmp_path):
     res = ants.apply_transforms(fixed=img, moving=img, transformlist=[case["field"]], interpolator="linear").numpy()
     assert np.abs(res - case["ours"])[INTERIOR].max() < TOL
 
-    moving_arr, moving_affine, tfm = _prealigned_case(tmp_path)
-    comp = write_itk_composite(tfm, case["field"], str(tmp_path / "c.h5"))
-    mpath = _save_nifti(moving_arr, moving_affine, tmp_path / "moving.nii.gz")
-    assert main(["warp", "--image", mpath, "--ddf", comp, "--out", str(tmp_path / "ours.nii.gz")]) == 0
-    ours = nib.load(str(tmp_path / "ours.nii.gz")).get_fdata()
+    _, _, tfm, comp, mpath, ours = _composite_warped_by_us(case, tmp_path)
     fixed = ants.image_read(_save_nifti(np.zeros(SHAPE), FIXED_AFFINE, tmp_path / "f.nii.gz"))
     res = ants.apply_transforms(fixed=fixed, moving=ants.image_read(mpath), transformlist=[comp],
                                 interpolator="linear").numpy()
