@@ -154,7 +154,12 @@ def test_threaded_grid_sample_equals_one_call(threads, channels, size, monkeypat
 @pytest.mark.parametrize("shape,size", [((2, 3, 3, 5, 4), (6, 10, 8)), ((1, 3, 2, 3, 2), (16, 24, 16)),
                                         ((2, 2, 4, 1, 3), (7, 1, 5)), ((2, 3, 5, 4), (10, 8))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_separable_upsampling_equals_the_trilinear_call(shape, size, channels_last):
+def test_separable_upsampling_equals_the_trilinear_call(shape, size, channels_last, monkeypatch):
+    from monai_ipear.networks.blocks import fields
+
+    planewise = []  # which calls took the plane-by-plane path
+    original = fields._linear_first_axis
+    monkeypatch.setattr(fields, "_linear_first_axis", lambda y, n: planewise.append(n) or original(y, n))
     torch.manual_seed(0)
     x = torch.randn(*shape)
     if channels_last and x.ndim == 5:
@@ -169,8 +174,10 @@ def test_separable_upsampling_equals_the_trilinear_call(shape, size, channels_la
     assert outs[0][0].shape == (*shape[:2], *size)
     for a, b in zip(*outs):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+    assert planewise == []  # with autograd: F.interpolate's differentiable pass
     with torch.no_grad():  # the CPU path without autograd: the first axis plane by plane
         planes = upsample_linear(x, size)
+    assert planewise == ([size[0]] if x.ndim == 5 else [])
     assert planes.shape == outs[1][0].shape
     assert (planes - outs[1][0]).abs().max() <= 1e-6 * max(1.0, outs[1][0].abs().max().item())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_registration_pair", "channels_last_format", "tracing", "cpu_training"]
+__all__ = ["check_registration_pair", "channels_last_format", "tracing", "records_grad", "cpu_training"]
 
 
 def channels_last_format(ndim: int) -> torch.memory_format:
@@ -16,6 +16,12 @@ def tracing() -> bool:
     """Whether a graph is being captured (``jit.trace``/``jit.script``, ``torch.export``, ``torch.compile``): the
     fast paths built on in-place ops and custom autograd functions then give way to plain differentiable ops."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on any of ``tensors`` (grad mode on and one of them requires grad): where the
+    fast paths that overwrite their inputs or reorder their layout must give way."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def cpu_training(x: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer, Convolution
 
-from ..utils import channels_last_format, cpu_training, tracing
+from ..utils import channels_last_format, cpu_training, records_grad, tracing
 
 __all__ = [
     "FARM",
@@ -75,7 +75,7 @@ def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _may_overwrite(*tensors: torch.Tensor) -> bool:
     """Whether an op may overwrite these tensors: autograd records none of them and no graph is being captured
     (FARM's in-place paths without autograd; same values, fewer full-size maps alive at once)."""
-    return not tracing() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not tracing() and not records_grad(*tensors)
 
 
 def _depth_split_applies(x: torch.Tensor, fast: bool) -> bool:
@@ -128,7 +128,7 @@ class SqueezeExcitationBlock(ChannelSELayer):
         """``x`` ``(B, C, *spatial)`` times its channel weights; ``inplace``: the caller gives ``x`` away, which is
         then multiplied in place where no autograd records it (MONAI's ``ChannelSELayer`` without its residual
         option)."""
-        expanded_grad = self.fast and torch.is_grad_enabled() and x.requires_grad and not tracing()
+        expanded_grad = self.fast and records_grad(x) and not tracing()
         if not inplace and not expanded_grad:
             return super().forward(x)
         b, c = x.shape[:2]

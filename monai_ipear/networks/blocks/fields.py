@@ -11,13 +11,14 @@ Conventions (one for the whole package, see ``docs/architecture.md``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-from ..utils import tracing
+from ..utils import records_grad, tracing
 
 __all__ = ["FieldComposer", "resize_ddf", "upsample_linear", "pad_to_divisible", "crop_to"]
 
@@ -42,7 +43,7 @@ def upsample_linear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     b, c, d, h, w = x.shape
     D, H, W = (int(s) for s in size)
     y = F.interpolate(x.reshape(b, c * d, h, w), size=(H, W), mode="bilinear", align_corners=True)
-    if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not tracing():
+    if x.device.type == "cpu" and not records_grad(x) and not tracing():
         return _linear_first_axis(y.view(b, c, d, H * W), D).view(b, c, D, H, W)
     y = F.interpolate(y.view(b, c, d, H * W), size=(D, H * W), mode="bilinear", align_corners=True)
     return y.view(b, c, D, H, W)
@@ -51,22 +52,13 @@ def upsample_linear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def _linear_first_axis(y: torch.Tensor, size: int) -> torch.Tensor:
     """Linear interpolation (``align_corners=True``) of ``y`` ``(B, C, d, N)`` along its third axis to ``size``.
 
-    Each output plane is ``w0 * y[:, :, i0] + w1 * y[:, :, i1]``, two whole-plane ops, with the source positions and
-    weights computed as PyTorch's CPU upsampling kernels compute them (float32 scale ``(d - 1) / (size - 1)`` times
-    the output index, floored). Why by hand: ``F.interpolate`` has no 1D-along-an-outer-axis mode; as a bilinear call
-    over ``(d, N)`` it interpolates the untouched axis too (a 3 x 80 x 30720 input to 160 planes: 25 ms vs 4 ms).
+    Each output plane is ``w0 * y[:, :, i0] + w1 * y[:, :, i1]``, two whole-plane ops. Why by hand: ``F.interpolate``
+    has no 1D-along-an-outer-axis mode; as a bilinear call over ``(d, N)`` it interpolates the untouched axis too
+    (a 3 x 80 x 30720 input to 160 planes: 25 ms vs 4 ms).
     """
     b, c, d, n = y.shape
-    scale = torch.tensor(0.0 if size < 2 else d - 1, dtype=torch.float32)
-    if size > 1:
-        scale = scale / torch.tensor(size - 1, dtype=torch.float32)
-    pos = torch.arange(size, dtype=torch.float32) * scale
-    lower = pos.floor()
-    lam = (pos - lower).clamp(0.0, 1.0)
-    lower = lower.long()
-    upper = torch.where(lower < d - 1, lower + 1, lower)
     out = torch.empty(b, c, size, n, dtype=y.dtype, device=y.device)
-    for i, i0, i1, w0, w1 in zip(range(size), lower.tolist(), upper.tolist(), (1.0 - lam).tolist(), lam.tolist()):
+    for i, (i0, i1, w0, w1) in enumerate(_linear_weights(d, size)):
         plane = out[:, :, i]
         if w1 == 0.0:
             plane.copy_(y[:, :, i0])
@@ -74,6 +66,20 @@ def _linear_first_axis(y: torch.Tensor, size: int) -> torch.Tensor:
             torch.mul(y[:, :, i0], w0, out=plane)
             plane.add_(y[:, :, i1], alpha=w1)
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _linear_weights(d: int, size: int) -> tuple[tuple[int, int, float, float], ...]:
+    """``(i0, i1, w0, w1)`` per output index of a ``d`` -> ``size`` linear resize with ``align_corners=True``, computed
+    as PyTorch's CPU upsampling kernels compute them: float32 scale ``(d - 1) / (size - 1)`` (0 for one output) times
+    the output index, floored; the weight of the upper neighbour clamped to [0, 1]."""
+    scale = torch.tensor(d - 1 if size > 1 else 0, dtype=torch.float32) / max(size - 1, 1)
+    pos = torch.arange(size, dtype=torch.float32) * scale
+    lower = pos.floor()
+    lam = (pos - lower).clamp(0.0, 1.0)
+    lower = lower.long()
+    upper = (lower + 1).clamp(max=d - 1)
+    return tuple(zip(lower.tolist(), upper.tolist(), (1.0 - lam).tolist(), lam.tolist()))
 
 
 def resize_ddf(ddf: torch.Tensor, factor: int) -> torch.Tensor:
@@ -157,7 +163,7 @@ class FieldComposer(torch.nn.Module):
             # pass (flipping its channels cost a further copy: 38 -> 17 ms per 160x192x160 grid on the development
             # CPU); with one (features in training) the image itself is read, with the channel-reversed grid, so that
             # its gradient is written in the image's own layout.
-            reverse = torch.is_grad_enabled() and image.requires_grad
+            reverse = records_grad(image)
             source = image if reverse else image.permute(0, 1, *range(image.ndim - 1, 1, -1))
             return _grid_sample(source, self._sampling_grid(ddf, factor, reverse), self.padding_mode)
         ddf = resize_ddf(ddf, factor)

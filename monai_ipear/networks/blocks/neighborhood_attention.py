@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..utils import tracing
+from ..utils import records_grad, tracing
 
 __all__ = [
     "NeighborhoodAttention",
@@ -128,7 +128,7 @@ def clamped_window_pad(x: torch.Tensor, spatial_dims: int, kernel_size: int) -> 
     the positions outside the map), so that in padded coordinates the window of position ``i`` is ``i .. i + k - 1``.
     Returns ``(..., n + k - 1, ...)`` per axis; differentiable.
     """
-    if tracing() or not (torch.is_grad_enabled() and x.requires_grad):
+    if tracing() or not records_grad(x):
         return _pad_functional(x, int(spatial_dims), int(kernel_size)) if tracing() else _pad_forward(x, int(spatial_dims), int(kernel_size))
     return _ClampedWindowPad.apply(x, int(spatial_dims), int(kernel_size))
 
@@ -259,7 +259,7 @@ def shifted_neighborhood_attention(
         k, v = clamped_window_pad(k, spatial_dims, kernel_size), clamped_window_pad(v, spatial_dims, kernel_size)
     if tracing():  # graph capture (jit.trace, torch.export, compile): plain differentiable ops, no autograd.Function
         return _shifted_functional(q, k, v, int(spatial_dims), int(kernel_size))
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if not records_grad(q, k, v):
         return _shifted_forward(q, k, v, int(spatial_dims), int(kernel_size), save_attn=False)[0]
     return _ShiftedNA.apply(q, k, v, int(spatial_dims), int(kernel_size))
 
