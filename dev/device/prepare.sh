@@ -13,12 +13,11 @@ cd "$(git rev-parse --show-toplevel)"
 exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")" && touch "$exclude"
 for p in /.whl/ /.devdata/; do grep -qxF "$p" "$exclude" || echo "$p" >> "$exclude"; done
-# the versions this project is tested with here; all pure Python (py3-none-any), so the platform flags only satisfy pip
+# the versions installed here (the ones the tests ran with); all pure Python (py3-none-any), so the platform flags
+# only satisfy pip
+pins=$(python -c 'import importlib.metadata as m; print(" ".join(f"{p}=={m.version(p)}" for p in ("monai", "nibabel", "pytorch-ignite", "fire", "termcolor")))')
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    "monai==$(python -c 'import monai; print(monai.__version__)')" \
-    "nibabel==$(python -c 'import nibabel; print(nibabel.__version__)')" \
-    "pytorch-ignite==$(python -c 'import ignite; print(ignite.__version__)')" fire==0.7.1 termcolor==3.3.0
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
 rm -rf .devdata && mkdir -p .devdata/ixi_prep .devdata/speed
 cp "$prep"/dataset.json "$prep"/*.nii.gz .devdata/ixi_prep/
 cp "$moving" .devdata/speed/moving.nii.gz && cp "$fixed" .devdata/speed/fixed.nii.gz && cp "$weights" .devdata/speed/rpnet.pt
