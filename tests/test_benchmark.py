@@ -233,6 +233,30 @@ def _allocate(mib: int) -> float:
     return float(x[-1])
 
 
+def _overlapping_tensors(held: list, mib: int) -> float:
+    """Frees ``held``'s tensor (allocated before the call: must not count against the call's own), then holds
+    mib + 2 mib + mib MiB, frees the first mib, adds 2 mib (peak: 5 x mib), frees 3 x mib and adds 2 mib."""
+    held.clear()
+    a = torch.ones(mib * 2**18)
+    b = torch.ones(2 * mib * 2**18)
+    c = a + 1
+    del a
+    d = torch.ones(2 * mib * 2**18)
+    del b, c
+    e = d * 2
+    return float(e[0])
+
+
+def test_cpu_tensor_peak_is_the_most_the_calls_tensors_hold_at_once():
+    from monai_ipear.benchmark.memory import cpu_tensor_peak_bytes
+
+    held = [torch.ones(64 * 2**18)]  # 64 MiB allocated before the call, freed inside it
+    peak = cpu_tensor_peak_bytes(_overlapping_tensors, held, 8)
+    assert not held
+    assert peak is not None and abs(peak / 2**20 - 40) < 0.01, peak / 2**20
+    assert abs(cpu_tensor_peak_bytes(_allocate, 3) / 2**20 - 3) < 0.01
+
+
 def _measure_after_a_larger_peak(mib: int) -> dict:
     from monai_ipear.benchmark.memory import measure_call_peak
 
@@ -261,5 +285,6 @@ def test_fresh_process_peak_memory_sees_the_allocation_every_time():
         assert "error" not in r, r
         assert r["peak_in_call"] and 250 < r["peak_rise_mb"] < 450, r
         assert r["peak_mb"] >= r["peak_rise_mb"]
+        assert abs(r["tensor_peak_mb"] - 300) < 1, r  # the tensor alone, whatever the allocator keeps
     small = peak_memory_in_fresh_process(functools.partial(_allocate, 1))
     assert small["peak_rise_mb"] < 60, small

@@ -13,6 +13,7 @@ repository on the real data, is described in docs/architecture.md.)
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,44 @@ def test_study_table_on_a_tiny_pair():
     table = format_study_table(results).splitlines()
     assert len(table) == 4 and table[3].startswith("| three |") and table[3].endswith("| 3.0 / 3.0 / 3.0 / 3.0 |")
     assert f"{results['one']['dice'][0]:.2f}" in table[2]
+
+
+def test_study_command_on_a_pretrained_ipear_and_a_datalist(tmp_path):
+    """``--model`` (a monai_ipear pretrained file) and ``--datalist``: every ordered pair of the split under every
+    controller, the fixed rows as asked, each row's Dice that of the network run directly under its controller."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from monai_ipear import TCI, FixedIterations, iPEAR
+    from monai_ipear.pretrained import load_pretrained, save_pretrained
+    from monai_ipear.studies.iirp_tci import _load, iirp_tci_study_cli, run_iirp_tci_study
+
+    torch.manual_seed(0)
+    config = {"encoder_channels": [4, 4, 4, 4], "decoder_channels": [4, 4, 4, 4], "num_heads": [1, 1, 1]}
+    model = str(tmp_path / "tiny.pt")
+    save_pretrained(iPEAR(**config), model, config)
+    subjects = []
+    for i in range(2):
+        x, _ = _blobs(size=(16, 16, 16), seed=10 + i)
+        img, lab = x[0, 0].numpy(), ((x[0, 0] > 0.5).float() + (x[0, 0] > 0.7).float()).numpy()
+        for kind, arr in (("image", img), ("label", lab)):
+            nib.save(nib.Nifti1Image(arr.astype(np.float32), np.eye(4)), str(tmp_path / f"s{i}_{kind}.nii.gz"))
+        subjects.append({"image": f"s{i}_image.nii.gz", "label": f"s{i}_label.nii.gz"})
+    (tmp_path / "dataset.json").write_text(json.dumps({"validation": subjects}))
+    out = tmp_path / "study.md"
+    text = iirp_tci_study_cli(["--model", model, "--datalist", str(tmp_path / "dataset.json"), "--fixed", "1", "2",
+                               "--out", str(out)])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| controller")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| single pass", "| IIRP IterStop, paper rule", "| IIRP IterStop, faithful (published code)",
+        "| fixed 1 iterations", "| fixed 2 iterations", "| TCI (iPEAR defaults)"]
+    assert rows[4].endswith("| 2.0 / 2.0 / 2.0 / 2.0 |") and "2 registrations" in text and out.read_text() == text
+    # the fixed-2 row's Dice is the network's own under FixedIterations(2), pairs in the datalist's order
+    net, _ = load_pretrained(model)
+    loaded = [(_load(str(tmp_path / s["image"]), True), _load(str(tmp_path / s["label"]), False)) for s in subjects]
+    pairs = [(*loaded[0], *loaded[1]), (*loaded[1], *loaded[0])]
+    for name, controller in (("fixed 2 iterations", FixedIterations(2)), ("TCI (iPEAR defaults)", TCI())):
+        results = run_iirp_tci_study(net, pairs, labels=None, controllers={name: controller}, log=lambda s: None)
+        assert f"{statistics.mean(results[name]['dice']):.2f}" in next(r for r in rows if r.startswith(f"| {name} |"))

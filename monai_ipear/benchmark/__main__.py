@@ -187,7 +187,9 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
                      "encoder, a training step by iPEAR's training step); peak memory: one fresh "
                      "process per row (CPU: peak resident set size of that process during the call, VmHWM reset "
                      "just before it, which includes Python, torch and the weights; rise = over its size just "
-                     "before the call)")
+                     "before the call; tensor peak = the most the call's own tensors held at once, from PyTorch's "
+                     "profiler over a second call; CUDA: torch.cuda.max_memory_allocated, and its rise as tensor "
+                     "peak)")
     plots_dir = a.plots_dir or os.path.splitext(a.out)[0]
     plots = {}
     try:

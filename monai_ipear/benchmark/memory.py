@@ -11,6 +11,13 @@ refused (non-Linux, restricted ``/proc``) the figure falls back to ``ru_maxrss``
 whether the call raised it.
 
 On CUDA the figure is ``torch.cuda.max_memory_allocated`` (tensors only, no allocator cache) of that process.
+
+Tensor peak (``tensor_peak_mb``, both devices): the most memory the call's *own tensors* held at once, above what was
+allocated before it - the figure ``torch.cuda.max_memory_allocated`` gives on a GPU, which a process's resident set
+on CPU does not: there it also holds Python, torch's libraries, the weights and whatever the C library keeps after
+frees (with :func:`~monai_ipear.runtime.keep_freed_cpu_memory` a heap whose high-water mark depends on the order of
+allocations). On CPU it is read from PyTorch's profiler (``profile_memory=True``: one event per tensor allocation
+and free, in order) over a second call, after the resident-set measurement; the profiler is not used on CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import resource
 
 import torch
 
-__all__ = ["peak_memory_in_fresh_process", "measure_call_peak"]
+__all__ = ["peak_memory_in_fresh_process", "measure_call_peak", "cpu_tensor_peak_bytes"]
 
 
 def _rss_bytes() -> int:
@@ -51,14 +58,42 @@ def _peak_rss_bytes() -> int | None:
     return None
 
 
+def cpu_tensor_peak_bytes(call, *args) -> int | None:
+    """Run ``call(*args)`` under PyTorch's profiler and return the most bytes that CPU tensors allocated during the
+    call held at once (frees of tensors that existed before the call are not counted), or None where the profiler
+    gives no memory events.
+
+    Why by hand: PyTorch offers ``torch.cuda.max_memory_allocated`` but no CPU counterpart; its profiler records
+    every CPU allocation and free (``[memory]`` events, signed sizes), whose running sum in time order this takes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call(*args)
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # a torch without the Kineto results
+        return None
+    sizes = sorted((e.start_ns(), e.nbytes()) for e in events
+                   if e.name() == "[memory]" and e.device_type().name == "CPU")
+    if not sizes:
+        return None
+    running = peak = 0
+    for _, nbytes in sizes:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
 def measure_call_peak(call, *args, device: torch.device | str = "cpu") -> dict:
     """Run ``call(*args)`` once in *this* process and report its peak memory (MiB).
 
     CPU: ``peak_mb`` = the process's peak resident set size during the call (``VmHWM`` after resetting it just
     before; fallback ``ru_maxrss``), ``peak_rise_mb`` = its rise over the resident size just before the call, and
     ``peak_in_call`` = whether the figure is the call's own peak (always with the reset; with the fallback, whether
-    the call raised ``ru_maxrss``: if not, the call's peak is at most ``peak_mb``). CUDA:
-    ``torch.cuda.max_memory_allocated`` and its rise. Meant for a fresh process
+    the call raised ``ru_maxrss``: if not, the call's peak is at most ``peak_mb``), and ``tensor_peak_mb`` =
+    :func:`cpu_tensor_peak_bytes` of a second call (NaN where the profiler gives none). CUDA:
+    ``torch.cuda.max_memory_allocated`` and its rise, which is also ``tensor_peak_mb``. Meant for a fresh process
     (:func:`peak_memory_in_fresh_process`).
     """
     device = torch.device(device)
@@ -69,16 +104,22 @@ def measure_call_peak(call, *args, device: torch.device | str = "cpu") -> dict:
         call(*args)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_mb": peak / 2**20, "peak_rise_mb": (peak - base) / 2**20, "peak_in_call": True}
+        rise = (peak - base) / 2**20
+        return {"peak_mb": peak / 2**20, "peak_rise_mb": rise, "peak_in_call": True, "tensor_peak_mb": rise}
     base = _rss_bytes()
     if _reset_peak_rss() and _peak_rss_bytes() is not None:
         call(*args)
         peak = max(_peak_rss_bytes(), base)
-        return {"peak_mb": peak / 2**20, "peak_rise_mb": (peak - base) / 2**20, "peak_in_call": True}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    call(*args)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_mb": after / 2**20, "peak_rise_mb": max(0, after - base) / 2**20, "peak_in_call": after > before}
+        result = {"peak_mb": peak / 2**20, "peak_rise_mb": (peak - base) / 2**20, "peak_in_call": True}
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        call(*args)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result = {"peak_mb": after / 2**20, "peak_rise_mb": max(0, after - base) / 2**20,
+                  "peak_in_call": after > before}
+    tensors = cpu_tensor_peak_bytes(call, *args)
+    result["tensor_peak_mb"] = float("nan") if tensors is None else tensors / 2**20
+    return result
 
 
 def _child(queue, call, args, device, threads, keep_freed):
@@ -112,5 +153,5 @@ def peak_memory_in_fresh_process(call, *args, device: torch.device | str = "cpu"
         result = {"error": f"no result from the measuring process ({type(e).__name__}); exit code {proc.exitcode}"}
     proc.join(timeout=60)
     if "error" in result:
-        result.update(peak_mb=float("nan"), peak_rise_mb=float("nan"), peak_in_call=False)
+        result.update(peak_mb=float("nan"), peak_rise_mb=float("nan"), peak_in_call=False, tensor_peak_mb=float("nan"))
     return result

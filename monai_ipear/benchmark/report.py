@@ -107,9 +107,10 @@ def speed_table(speed: Sequence[dict]) -> list[str]:
     """Rows of :func:`~monai_ipear.benchmark.speed.speed_study`: size, batch, autocast, method, times, memory, ratios."""
     lines = [
         "| Input size | Batch | Autocast | Method | Time per call (s), median | Rounds (s) | Peak memory of the process "
-        "(MiB) | Rise during the call (MiB) | Updates per level (L4 / L3 / L2 / L1) | Max field difference to fp32 (voxels) "
+        "(MiB) | Rise during the call (MiB) | Tensor peak of the call (MiB) | Updates per level (L4 / L3 / L2 / L1) "
+        "| Max field difference to fp32 (voxels) "
         "| iPEAR / this |",
-        "|---|---:|---|---|---:|---|---:|---:|---|---:|---:|",
+        "|---|---:|---|---|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in speed:
         ratio = r.get("ipear_ratio")
@@ -118,7 +119,8 @@ def speed_table(speed: Sequence[dict]) -> list[str]:
         lines.append(
             f"| {'x'.join(map(str, r['size']))} | {r.get('batch', 1)} | {'yes' if r.get('autocast') else 'no'} | "
             f"{DISPLAY.get(r['method'], r['method'])} | {r['time_s']:.3f} | {rounds} | {r['peak_mb']:.0f} | "
-            f"{r.get('peak_rise_mb', float('nan')):.0f} | {_iter_text(r.get('iterations'))} | "
+            f"{r.get('peak_rise_mb', float('nan')):.0f} | {r.get('tensor_peak_mb', float('nan')):.0f} | "
+            f"{_iter_text(r.get('iterations'))} | "
             f"{'' if diff is None else f'{diff:.2g}'} | {'' if ratio is None else f'{ratio:.2f}'} |"
         )
     return lines

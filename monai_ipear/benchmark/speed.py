@@ -137,11 +137,12 @@ def speed_study(
         train_warmup: untimed training steps per method before the training rounds. The training steps are timed
             after the inference rounds, interleaved among themselves only.
         memory: measure each row's peak memory in a fresh process (CPU: peak resident set size of that process,
-            ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``).
+            ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``)
+            and the call's tensor peak, ``tensor_peak_mb`` (see :mod:`~monai_ipear.benchmark.memory`).
 
     Returns:
         rows with ``size``, ``batch``, ``autocast``, ``method``, ``time_s`` (median), ``times_s``, ``peak_mb``,
-        ``peak_rise_mb``, ``iterations`` (mean per level over the batch, finest first) and ``ipear_ratio``.
+        ``peak_rise_mb``, ``tensor_peak_mb``, ``iterations`` (mean per level over the batch, finest first) and ``ipear_ratio``.
     """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
@@ -191,7 +192,8 @@ def speed_study(
                 for name, net, call in entries:
                     row = {"size": list(size), "batch": batch, "autocast": amp, "method": name,
                            "time_s": statistics.median(times[name]), "times_s": times[name],
-                           "peak_mb": float("nan"), "peak_rise_mb": float("nan"), "iterations": iterations.get(name)}
+                           "peak_mb": float("nan"), "peak_rise_mb": float("nan"), "tensor_peak_mb": float("nan"),
+                           "iterations": iterations.get(name)}
                     out = outputs.get(name)
                     if ":" not in name and isinstance(out, torch.Tensor):
                         if not amp:
@@ -200,10 +202,11 @@ def speed_study(
                             row["max_abs_diff_voxels"] = float((out.float().cpu() - fp32_fields[name]).abs().max())
                     if memory:
                         mem = peak_memory_in_fresh_process(call, mb, fb, device=device)
-                        row["peak_mb"], row["peak_rise_mb"] = mem["peak_mb"], mem["peak_rise_mb"]
+                        row.update({k: mem[k] for k in ("peak_mb", "peak_rise_mb", "tensor_peak_mb")})
                     group.append(row)
                     log(f"speed {size} batch {batch} autocast {amp} {name}: {row['time_s']:.3f} s "
-                        f"(rounds {[round(t, 2) for t in times[name]]}), peak {row['peak_mb']:.0f} MiB, "
+                        f"(rounds {[round(t, 2) for t in times[name]]}), peak {row['peak_mb']:.0f} MiB "
+                        f"(tensors {row['tensor_peak_mb']:.0f} MiB), "
                         f"iterations {row['iterations']}")
                 by_method = {r["method"]: r for r in group}
                 for r in group:  # like with like: an encoder row against the reference's encoder, a training step

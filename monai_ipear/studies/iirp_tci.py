@@ -1,4 +1,4 @@
-"""Study: one set of RP-Net weights under every iteration controller (RP-Net, IterStop, fixed k, TCI).
+"""Study: one set of network weights under every iteration controller (single pass, IterStop, fixed k, TCI).
 
 Reproduces the comparison behind the iPEAR paper's Tables 4/F (IIRP-Net's IterStop vs TCI) on real pairs::
 
@@ -6,6 +6,12 @@ Reproduces the comparison behind the iPEAR paper's Tables 4/F (IIRP-Net's IterSt
         --weights iirp_mindboggle.pt --labels eval_labels.txt --both-directions \\
         --pair subject_b_t1.nii.gz subject_b_aseg.nii.gz subject_a_t1.nii.gz subject_a_aseg.nii.gz \\
         --out docs/studies.md
+
+and asks the same of a trained iPEAR (``--model``: a file of :mod:`monai_ipear.pretrained`, ``packaged`` for the
+package's default model) on all ordered pairs of a datalist split whose images are already on one grid::
+
+    python -m monai_ipear.studies.iirp_tci --model packaged --datalist dataset.json --split validation \\
+        --fixed 2 3 4 5 6
 
 ``--pair`` takes moving image, moving labels, fixed image, fixed labels (repeatable); ``--both-directions``
 also registers fixed -> moving. Images are loaded with MONAI's ``LoadImage`` and scaled to [0, 1]. Reports
@@ -25,24 +31,27 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, ScaleIntensity
 
 from ..controllers import TCI, FixedIterations, IterationController, IterStop, SinglePass
+from ..data.datalist import load_registration_pairs
 from ..metrics import pair_registration_metrics
 from ..networks.blocks.fields import FieldComposer
 from ..networks.nets.pretrained import load_iirp_checkpoint
+from ..pretrained import load_pretrained
 
 __all__ = ["study_controllers", "run_iirp_tci_study", "format_study_table"]
 
 
-def study_controllers() -> dict[str, IterationController]:
-    """The controllers compared, by row name."""
-    return {
-        "RP-Net (single pass)": SinglePass(),
+def study_controllers(single_pass: str = "RP-Net (single pass)", fixed: Sequence[int] = (2, 3, 4)
+                      ) -> dict[str, IterationController]:
+    """The controllers compared, by row name: ``single_pass`` names the single-pass row, ``fixed`` the fixed
+    update counts."""
+    rows: dict[str, IterationController] = {
+        single_pass: SinglePass(),
         "IIRP IterStop, paper rule": IterStop(faithful=False),
         "IIRP IterStop, faithful (published code)": IterStop(faithful=True),
-        "fixed 2 iterations": FixedIterations(2),
-        "fixed 3 iterations": FixedIterations(3),
-        "fixed 4 iterations": FixedIterations(4),
-        "TCI (iPEAR defaults)": TCI(),
     }
+    rows.update({f"fixed {k} iterations": FixedIterations(k) for k in fixed})
+    rows["TCI (iPEAR defaults)"] = TCI()
+    return rows
 
 
 def _mean_sd(values: Sequence[float], fmt: str = "{:.2f}") -> str:
@@ -118,9 +127,15 @@ def _load(path: str, scale: bool) -> torch.Tensor:
 
 def iirp_tci_study_cli(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="published IIRP-Net checkpoint (.pt)")
-    parser.add_argument("--pair", nargs=4, action="append", required=True,
-                        metavar=("MOVING", "MOVING_LABELS", "FIXED", "FIXED_LABELS"))
+    net_source = parser.add_mutually_exclusive_group(required=True)
+    net_source.add_argument("--weights", help="published IIRP-Net checkpoint (.pt)")
+    net_source.add_argument("--model", help="a monai_ipear pretrained-model file, or 'packaged' for the default model")
+    pair_source = parser.add_mutually_exclusive_group(required=True)
+    pair_source.add_argument("--pair", nargs=4, action="append",
+                             metavar=("MOVING", "MOVING_LABELS", "FIXED", "FIXED_LABELS"))
+    pair_source.add_argument("--datalist", help="datalist JSON: all ordered pairs of --split (labels required)")
+    parser.add_argument("--split", default="validation", help="the datalist's subject list (default: validation)")
+    parser.add_argument("--fixed", type=int, nargs="+", default=[2, 3, 4], help="fixed update counts (default 2 3 4)")
     parser.add_argument("--labels", help="text file, one label value per line (default: all shared labels)")
     parser.add_argument("--both-directions", action="store_true", help="also register fixed -> moving")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -129,14 +144,25 @@ def iirp_tci_study_cli(argv: Sequence[str] | None = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     labels = [int(v) for v in open(args.labels).read().split()] if args.labels else None
+    if args.datalist:
+        listed = load_registration_pairs(args.datalist, split=args.split)
+        if "moving_label" not in listed[0]:
+            raise SystemExit(f"the '{args.split}' subjects of {args.datalist} have no label maps: Dice needs them.")
+        quads = [(p["moving_image"], p["moving_label"], p["fixed_image"], p["fixed_label"]) for p in listed]
+    else:
+        quads = [tuple(q) for q in args.pair]
     pairs = []
-    for mov, mov_lab, fix, fix_lab in args.pair:
+    for mov, mov_lab, fix, fix_lab in quads:
         m, ml, f, fl = _load(mov, True), _load(mov_lab, False), _load(fix, True), _load(fix_lab, False)
         pairs.append((m, ml, f, fl))
         if args.both_directions:
             pairs.append((f, fl, m, ml))
-    net = load_iirp_checkpoint(args.weights)
-    results = run_iirp_tci_study(net, pairs, labels)
+    if args.weights:
+        net, single = load_iirp_checkpoint(args.weights), "RP-Net (single pass)"
+    else:
+        net, _ = load_pretrained(None if args.model == "packaged" else args.model)
+        single = "single pass"
+    results = run_iirp_tci_study(net, pairs, labels, study_controllers(single, args.fixed))
     table = format_study_table(results)
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
     text = f"{table}\n\n{len(pairs)} registrations; mean (sd) over them; {machine}.\n"
