@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -182,3 +183,48 @@ def test_archive_check_reports_problems(archive, tmp_path):
     failures = check_archive(bad, resolve=False, skip=QUICK)
     assert failures == ["README sections and links (TorchScript, TensorRT stated): docs/README.md: link '../monai_ipear/cli.py' points outside the "
                         "archive or to a missing file"], failures
+
+
+# a stand-in for the Model Zoo's ci/unit_tests/utils.py, whose check_workflow the zoo's unit tests import: the same
+# steps (initialize; check_properties must report nothing; run; finalize)
+_ZOO_UTILS = '''
+def check_workflow(workflow, check_properties=False):
+    workflow.initialize()
+    if check_properties:
+        missing = workflow.check_properties()
+        if missing:
+            raise ValueError(f"check properties for workflow failed: {missing}")
+    workflow.run()
+    workflow.finalize()
+'''
+
+
+def test_zoo_unit_test_passes_in_a_model_zoo_layout(archive, weights, tmp_path):
+    """bundle/zoo_ci/test_ipear_registration.py (the file a Model Zoo submission adds as ci/unit_tests/) passes in a
+    zoo checkout's layout: the archive unpacked in models/ with its large file in place (the zoo's verify_bundle.py
+    downloads it before the unit tests), run from the checkout's root, the installed monai_ipear hidden (the zoo's
+    CI has none)."""
+    zoo = tmp_path / "model-zoo"
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(zoo / "models")
+    (zoo / "models" / BUNDLE_NAME / "models").mkdir()
+    shutil.copy(weights, zoo / "models" / BUNDLE_NAME / "models" / "model.pt")
+    unit = zoo / "ci" / "unit_tests"
+    unit.mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "bundle", "zoo_ci", f"test_{BUNDLE_NAME}.py"), unit)
+    (unit / "utils.py").write_text(_ZOO_UTILS)
+    code = (
+        "import importlib.util, runpy, sys\n"
+        f"spec = importlib.util.spec_from_file_location('zoo_checks', {os.path.join(REPO, 'bundle', 'zoo_checks.py')!r})\n"
+        "checks = importlib.util.module_from_spec(spec); spec.loader.exec_module(checks)\n"
+        f"sys.meta_path.insert(0, checks._BundledPackageOnly('models/{BUNDLE_NAME}/scripts'))\n"
+        "sys.path.insert(0, 'ci/unit_tests'); sys.argv = ['test', '-v']\n"
+        "try:\n"
+        f"    runpy.run_path('ci/unit_tests/test_{BUNDLE_NAME}.py', run_name='__main__')\n"
+        "finally:\n"
+        "    print('monai_ipear from', sys.modules['monai_ipear'].__file__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=zoo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Ran 3 tests" in proc.stderr and "\nOK\n" in proc.stderr, proc.stderr[-2000:]
+    assert f"monai_ipear from {zoo / 'models' / BUNDLE_NAME / 'scripts' / 'monai_ipear'}" in proc.stdout, proc.stdout
