@@ -539,11 +539,14 @@ def _command_help(prog: str, name: str) -> str:
         if not in_args or not line.strip():
             continue
         head, sep, text = line.strip().partition(": ")
-        if line.startswith("    ") and not line.startswith("     ") and sep and head.isidentifier():
-            current = head
-            described[current] = text
+        names = [n.strip() for n in head.split(",")]  # "a, b: text" describes both
+        if line.startswith("    ") and not line.startswith("     ") and sep and all(n.isidentifier() for n in names):
+            current = names
+            for n in names:
+                described[n] = text
         elif current is not None:
-            described[current] += " " + line.strip()
+            for n in current:
+                described[n] += " " + line.strip()
     required = {"register": ("fixed", "moving", "out_dir"), "warp": ("image", "ddf", "out"), "jacobian": ("ddf",)}[name]
     summary = " ".join(summary.replace("``", "'").split())
     lines = [f"usage: {prog} {name} [options]", "", textwrap.fill(summary, 100), "", "options:"]

@@ -45,10 +45,16 @@ def test_version_and_help(capsys):
             assert artefact not in text, (name, artefact)
         import inspect
 
-        for param in inspect.signature(func).parameters:  # every option is listed with a description
-            line = next(ln for ln in text.splitlines() if ln.strip().startswith("--" + param.replace("_", "-") + " ")
-                        or ln.strip() == "--" + param.replace("_", "-"))
-            assert line
+        lines = text.splitlines()
+        for param in inspect.signature(func).parameters:  # every option is listed with its own description
+            flag = "--" + param.replace("_", "-")
+            i = next(i for i, ln in enumerate(lines) if ln.strip().startswith(flag + " ") or ln.strip() == flag)
+            own = lines[i].strip()[len(flag):].strip().split(maxsplit=1)  # metavar, description
+            first = own[1] if len(own) > 1 else lines[i + 1].strip()  # a long flag: the description on the next line
+            assert first and not first.startswith("-"), (name, param, lines[i:i + 2])
+        if name == "register":  # the masks are described together in the docstring ("fixed_mask, moving_mask: ...")
+            masks = [ln for ln in lines if "brain masks" in ln]
+            assert len(masks) == 2 and not any("--ddf-units" in ln for ln in masks), masks
         assert "(required)" in text
 
 
