@@ -198,7 +198,8 @@ def affine_prealign(fixed: str, moving: str, out_prefix: str, moving_label: str 
 
 
 def register(fixed=None, moving=None, out_dir=None, moving_label=None, model=None,
-             prealign=None, config=None, device=None, ddf_units="voxel", fixed_mask=None, moving_mask=None) -> dict:
+             prealign=None, config=None, device=None, ddf_units="voxel", fixed_mask=None, moving_mask=None,
+             iterations=None) -> dict:
     """Register MOVING onto FIXED and write the warped image, the field and the warped labels into OUT_DIR.
 
     Without ``--model`` (or with a file in the packaged-model format) this is the whole pipeline
@@ -226,14 +227,23 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model=Non
         device: e.g. ``cpu`` or ``cuda:0`` (default: the GPU when present).
         ddf_units: ``voxel`` (default) or ``mm``, as in the bundle's ``ddf_units``.
         fixed_mask, moving_mask: brain masks (nonzero = brain) on the images' grids (packaged model only).
+        iterations: ``tci`` (the default: TCI decides per level) or a whole number ``k``: ``k`` updates at every
+            pyramid level (``1`` = a single pass, the fastest).
 
-    Returns a dict of the written paths and the TCI iterations per level (printed on stdout).
+    Returns a dict of the written paths and the updates made per level (printed on stdout).
     """
+    from monai_ipear.controllers import controller_from_spec
     from monai_ipear.pretrained import is_pretrained_file
+
+    if iterations is not None:
+        try:
+            controller_from_spec(iterations)
+        except ValueError as e:
+            raise RegistrationCLIError(f"--iterations: {e}") from e
 
     if model is None or (os.path.isfile(str(model)) and is_pretrained_file(str(model))):
         return _register_pipeline(fixed, moving, out_dir, moving_label, model, prealign, config, device, ddf_units,
-                                  fixed_mask, moving_mask)
+                                  fixed_mask, moving_mask, iterations)
     if fixed_mask is not None or moving_mask is not None:
         raise RegistrationCLIError("--fixed-mask/--moving-mask work with the packaged (pretrained-format) model only.")
     from monai.data import DataLoader, Dataset
@@ -279,6 +289,13 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model=Non
             f"moving {moving_shape} and fixed {fixed_shape} are not on the same grid; use --prealign affine.")
     spatial_dims = len(fixed_shape)
     net = _build_network(spatial_dims, config, model, dev)
+    if iterations is not None:
+        from monai_ipear.pipeline import set_iteration_control
+
+        try:
+            set_iteration_control(net, iterations)
+        except ValueError as e:
+            raise RegistrationCLIError(f"--iterations: {e}") from e
     steps.set_postfix_str(f"{type(net).__name__} loaded on {dev}")
     steps.update()
 
@@ -317,7 +334,7 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model=Non
 
 
 def _register_pipeline(fixed, moving, out_dir, moving_label, model, prealign, config, device, ddf_units,
-                       fixed_mask, moving_mask) -> dict:
+                       fixed_mask, moving_mask, iterations=None) -> dict:
     """``register`` with a pretrained-format model: :meth:`RegistrationPipeline.run_files`' work, CLI errors."""
     from monai_ipear.data import pair_name
     from monai_ipear.pipeline import PREALIGN_CHOICES, RegistrationPipeline
@@ -345,7 +362,7 @@ def _register_pipeline(fixed, moving, out_dir, moving_label, model, prealign, co
     images = {"fixed": _load(fixed, "fixed"), "moving": _load(moving, "moving")}
     images.update({k: _load(v, k.replace("_", "-")) for k, v in extra.items() if v is not None})
     try:
-        pipeline = RegistrationPipeline(model=model, prealign=prealign, device=dev)
+        pipeline = RegistrationPipeline(model=model, prealign=prealign, device=dev, iterations=iterations)
     except PretrainedModelError as e:
         raise RegistrationCLIError(str(e)) from e
     steps.set_postfix_str(f"inputs read, model on {dev}")

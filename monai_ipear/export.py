@@ -22,7 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .controllers import FixedIterations, SinglePass
+from .controllers import FixedIterations, SinglePass, controller_from_spec
 
 __all__ = ["ExportableRegistrationNet", "export_torchscript", "export_program", "export_onnx", "max_abs_difference"]
 
@@ -59,7 +59,7 @@ class ExportableRegistrationNet(nn.Module):
         if iterations is not None:
             network = copy.deepcopy(network)
             if hasattr(network, "controller"):
-                network.controller = SinglePass() if int(iterations) == 1 else FixedIterations(int(iterations))
+                network.controller = controller_from_spec(int(iterations))
         self.network = network
         self.in_channels = int(in_channels or getattr(network, "in_channels", 1))
         self.iterations = iterations

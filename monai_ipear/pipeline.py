@@ -54,12 +54,28 @@ from monai.transforms import (
     Spacing,
 )
 
+from .controllers import controller_from_spec
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
 
 __all__ = ["RegistrationPipeline", "warp_to_fixed", "save_nifti", "resample_at", "index_grid", "PREALIGN_CHOICES"]
 
 PREALIGN_CHOICES = ("affine", "none")
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def set_iteration_control(network: torch.nn.Module, iterations: str | int) -> torch.nn.Module:
+    """Give ``network`` (or the network a wrapper such as the bundle's ``ExportableRegistrationNet`` holds) the
+    controller of ``iterations`` (``"tci"`` or ``k`` updates per level, :func:`controller_from_spec`); returns it.
+
+    Raises:
+        ValueError: an unknown ``iterations``, or a network without iteration control.
+    """
+    controller = controller_from_spec(iterations)
+    target = network if hasattr(network, "controller") else getattr(network, "network", None)
+    if target is None or not hasattr(target, "controller"):
+        raise ValueError(f"{type(network).__name__} has no iteration control: 'iterations' does not apply.")
+    target.controller = controller
+    return network
 
 
 def index_grid(shape: Sequence[int]) -> torch.Tensor:
@@ -149,6 +165,9 @@ class RegistrationPipeline:
         prealign: ``"affine"`` (default, elastix) or ``"none"``.
         device: where the network runs (default: CUDA when available).
         prealign_iterations: elastix iterations per resolution (default: the model's preprocessing, 256).
+        iterations: the network's iteration control, ``"tci"`` or ``k`` updates at every pyramid level
+            (:func:`~monai_ipear.controllers.controller_from_spec`; sets ``network.controller``); default: the
+            network's own (TCI for the packaged model).
 
     ``pipeline(fixed, moving, fixed_mask=None, moving_mask=None, moving_label=None)`` takes file paths or
     channel-first MetaTensors and returns a dict: ``ddf`` ``(d, *fixed_shape)``, ``warped_image`` (original
@@ -168,6 +187,7 @@ class RegistrationPipeline:
         prealign: str = "affine",
         device: torch.device | str | None = None,
         prealign_iterations: int | None = None,
+        iterations: str | int | None = None,
     ) -> None:
         if prealign not in PREALIGN_CHOICES:
             raise ValueError(f"prealign must be one of {PREALIGN_CHOICES}, got {prealign!r}.")
@@ -176,6 +196,8 @@ class RegistrationPipeline:
         if network is None:
             network, metadata = load_pretrained(model, self.device)
         self.network = network.to(self.device).eval()
+        if iterations is not None:
+            set_iteration_control(self.network, iterations)
         meta = dict(metadata or {})
         self.metadata = meta
         pre = meta.get("preprocessing", DEFAULT_PREPROCESSING)

@@ -166,3 +166,12 @@ def test_affine_prealign_recovers_a_translation(tmp_path):
     dice = 2 * np.sum((label > 0) & (fixed > 0.3)) / (np.sum(label > 0) + np.sum(fixed > 0.3))
     assert dice > 0.9
     assert os.path.isfile(paths["transform"])
+
+
+def test_register_iterations_option_with_bundle_weights(pair, tmp_path):
+    root, files, _ = pair
+    out = tmp_path / "k2"
+    assert main(["register", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]), "--model",
+                 str(files["model"]), "--out-dir", str(out), "--device", "cpu", "--iterations", "2"]) == 0
+    rows = (out / "iterations.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[-4:] == ["2", "2", "2", "2"], rows

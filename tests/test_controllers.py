@@ -216,3 +216,15 @@ def test_non_finite_similarity_discards_the_update_and_stops(controller):
     assert kept[0] == 1 and out[0, 0, 0] == 1.0  # the NaN update was not composed
     assert torch.isnan(trace[0, 2]) and torch.isfinite(out).all()
     assert kept[1] >= 3
+
+
+def test_controller_from_spec():
+    from monai_ipear.controllers import TCI, FixedIterations, SinglePass, controller_from_spec
+
+    assert isinstance(controller_from_spec("tci"), TCI) and isinstance(controller_from_spec(" TCI "), TCI)
+    assert type(controller_from_spec(1)) is SinglePass and type(controller_from_spec("1")) is SinglePass
+    four = controller_from_spec("4")
+    assert type(four) is FixedIterations and four.k_max == 4 and controller_from_spec(4).k_max == 4
+    for bad in ("0", "-1", "2.5", 2.5, True, "fixed", ""):
+        with pytest.raises(ValueError, match="'tci' or a whole number"):
+            controller_from_spec(bad)

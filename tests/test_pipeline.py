@@ -390,3 +390,32 @@ def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
 
 def statistics_mean(values):
     return float(np.mean(values))
+
+
+def test_register_iterations_option_sets_the_updates_per_level(tmp_path, capsys):
+    """``--iterations k``: k updates at every level (the summary says so, and the field is the network's under
+    FixedIterations(k)); ``tci`` is the default; anything else is a one-line error."""
+    from monai_ipear import FixedIterations
+    from monai_ipear.pipeline import RegistrationPipeline
+
+    pair = make_pair("axial", (2.0, 2.0, 2.0), "axial", (2.0, 2.0, 2.0), np.eye(4), amplitude=1.0, fov=(48.0, 56.0, 48.0))
+    files = {k: str(tmp_path / f"{k}.nii.gz") for k in ("fixed", "moving")}
+    for k, path in files.items():
+        nib.save(nib.Nifti1Image(pair[k][0].numpy().astype(np.float32), np.asarray(pair[k].affine)), path)
+    fields = {}
+    for spec in ("1", "2"):
+        out = tmp_path / f"k{spec}"
+        assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--prealign", "none",
+                     "--out-dir", str(out), "--device", "cpu", "--iterations", spec]) == 0
+        summary = json.loads((out / "moving_to_fixed_summary.json").read_text())
+        assert summary["iterations_per_level"] == [int(spec)] * 4, summary
+        fields[spec] = nib.load(str(out / "moving_to_fixed_ddf.nii.gz")).get_fdata()
+    assert np.abs(fields["1"] - fields["2"]).max() > 1e-3  # the option reached the network
+    direct = RegistrationPipeline(prealign="none", device="cpu")
+    direct.network.controller = FixedIterations(2)
+    result = direct(files["fixed"], files["moving"])
+    assert np.allclose(np.moveaxis(result["ddf"].numpy(), 0, -1), fields["2"], atol=1e-4)
+    capsys.readouterr()
+    assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out-dir", str(tmp_path / "x"),
+                 "--iterations", "0"]) == 2
+    assert "--iterations: iterations must be 'tci' or a whole number" in capsys.readouterr().err
