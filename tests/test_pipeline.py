@@ -419,3 +419,13 @@ def test_register_iterations_option_sets_the_updates_per_level(tmp_path, capsys)
     assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out-dir", str(tmp_path / "x"),
                  "--iterations", "0"]) == 2
     assert "--iterations: iterations must be 'tci' or a whole number" in capsys.readouterr().err
+
+
+def test_comparison_table_names_the_register_iteration_control():
+    from monai_ipear.studies.pretrained_comparison import format_comparison
+
+    row = {"dice": 0.7, "hd95": 3.0, "folding_pct": 0.05, "time_s": 1.5, "iterations": [2, 2, 2, 2]}
+    result = {"rows": {"register": [row, row]}, "notes": [], "pairs": ["a_to_b", "b_to_a"]}
+    assert "`register` (packaged iPEAR, TCI, affine pre-alignment) |" in format_comparison(result)
+    for k, label in (("2", "`register --iterations 2` (packaged iPEAR, 2 updates per level"), ("tci", ", TCI, ")):
+        assert label in format_comparison({**result, "register_iterations": k})

@@ -186,6 +186,8 @@ def export_main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="training steps (model card)")
     p.add_argument("--hardware", default=None)
     p.add_argument("--training-time", default=None)
+    p.add_argument("--lr", default="1e-4", help="the learning rate(s) of the run, as written on the model card "
+                                                "(e.g. '1e-4 for steps 1-2700, then 3e-5')")
     p.add_argument("--note", default=None, help="free text for the training metadata")
     p.add_argument("--check-shape", default="80x112x80", help="size of the fp16-vs-fp32 check pair")
     a = p.parse_args(argv)
@@ -204,8 +206,8 @@ def export_main(argv=None) -> dict:
     training = {
         "data": "IXI T1 (40 subjects of ixi_dlmuse_2mm; the last 6 of the sorted list held out for validation), "
                 "CC BY-SA 3.0, IXI dataset, Imperial College London",
-        "recipe": "local NCC (window 9, squared) + 1.0 x gradient smoothness (forward differences), Adam lr 1e-4, "
-                  "batch 1, one decoder pass per level",
+        "recipe": "local NCC (window 9, squared) + 1.0 x gradient smoothness (forward differences), "
+                  f"Adam lr {a.lr}, batch 1, one decoder pass per level",
         "steps": a.steps, "hardware": a.hardware, "training_time": a.training_time, "note": a.note,
     }
     check = fp16_field_difference(net, tuple(int(v) for v in a.check_shape.lower().split("x")))

@@ -120,8 +120,9 @@ def _ants_available(ants_python: str | None) -> tuple[bool, str]:
 
 def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = None, pipeline: RegistrationPipeline | None = None,
                    elastix_iterations: int = 256, ants_python: str | None = None, max_pairs: int | None = None,
-                   log=print) -> dict:
-    """``subjects``: dicts of ``image``, ``label`` (and optional ``mask``) paths. Returns
+                   log=print, iterations: str | int | None = None) -> dict:
+    """``subjects``: dicts of ``image``, ``label`` (and optional ``mask``) paths; ``iterations``: the ``register``
+    network's iteration control (``register --iterations``; default TCI). Returns
     ``{"rows": {method: [per-pair dict]}, "notes": [...], "pairs": [...]}``."""
     from ..preprocessing.elastix import has_elastix
 
@@ -136,7 +137,9 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
         if not ok:
             methods.remove("ants-syn")
     if "register" in methods and pipeline is None:
-        pipeline = RegistrationPipeline(model=model, device="cpu")
+        pipeline = RegistrationPipeline(model=model, device="cpu", iterations=iterations)
+    if "register" in methods and iterations is not None:
+        notes.append(f"`register` with --iterations {iterations} (not TCI): {iterations} update(s) at every level")
     if pipeline is not None and pipeline.metadata.get("placeholder"):
         notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
     loaded = []
@@ -172,7 +175,8 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
             rows[m].append(r)
             log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
                 f"{r['time_s']:.2f} s")
-    return {"rows": rows, "notes": notes, "pairs": [f"{loaded[i]['name']}_to_{loaded[j]['name']}" for i, j in pairs]}
+    return {"rows": rows, "notes": notes, "pairs": [f"{loaded[i]['name']}_to_{loaded[j]['name']}" for i, j in pairs],
+            "register_iterations": None if iterations is None else str(iterations)}
 
 
 def _ms(values, fmt):
@@ -184,6 +188,10 @@ def _ms(values, fmt):
 
 def format_comparison(result: dict, command: str = "", machine: str = "") -> str:
     rows = result["rows"]
+    k = result.get("register_iterations")
+    display = dict(DISPLAY)
+    if k is not None and k.strip().lower() != "tci":
+        display["register"] = f"`register --iterations {k}` (packaged iPEAR, {k} updates per level, affine pre-alignment)"
     ref = rows.get("register")
     ref_t = statistics.mean(r["time_s"] for r in ref) if ref else None
     ref_d = statistics.mean(r["dice"] for r in ref) if ref else None
@@ -196,10 +204,10 @@ def format_comparison(result: dict, command: str = "", machine: str = "") -> str
             continue
         t = statistics.mean(r["time_s"] for r in rs)
         d = statistics.mean(r["dice"] for r in rs)
-        lines.append(f"| {DISPLAY.get(m, m)} | {_ms([r['dice'] for r in rs], '{:.4f}')} | {_ms([r['hd95'] for r in rs], '{:.2f}')} | "
+        lines.append(f"| {display.get(m, m)} | {_ms([r['dice'] for r in rs], '{:.4f}')} | {_ms([r['hd95'] for r in rs], '{:.2f}')} | "
                      f"{_ms([r['folding_pct'] for r in rs], '{:.4f}')} | {_ms([r['time_s'] for r in rs], '{:.2f}')} | "
                      f"{t / ref_t:.2f} | {d - ref_d:+.4f} |" if ref else
-                     f"| {DISPLAY.get(m, m)} | {_ms([r['dice'] for r in rs], '{:.4f}')} | {_ms([r['hd95'] for r in rs], '{:.2f}')} | "
+                     f"| {display.get(m, m)} | {_ms([r['dice'] for r in rs], '{:.4f}')} | {_ms([r['hd95'] for r in rs], '{:.2f}')} | "
                      f"{_ms([r['folding_pct'] for r in rs], '{:.4f}')} | {_ms([r['time_s'] for r in rs], '{:.2f}')} | | |")
     if ref and ref[0].get("iterations"):
         its = [statistics.mean(c) for c in zip(*[r["iterations"] for r in ref])]
@@ -225,6 +233,7 @@ def comparison_main(argv=None) -> dict:
     p.add_argument("--elastix-iterations", type=int, default=256)
     p.add_argument("--ants-python", default=None, help="python of a venv with antspyx")
     p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--iterations", default=None, help="register's iteration control: 'tci' (default) or k per level")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="Markdown file (also printed)")
     a = p.parse_args(argv)
@@ -241,7 +250,8 @@ def comparison_main(argv=None) -> dict:
         p.error(f"need at least 2 subjects with one label map each (got {len(images)} images, {len(labels)} labels)")
     masks = a.masks or [None] * len(images)
     subjects = [{"image": i, "label": lab, "mask": m} for i, lab, m in zip(images, labels, masks)]
-    result = run_comparison(subjects, a.methods, a.model, None, a.elastix_iterations, a.ants_python, a.max_pairs)
+    result = run_comparison(subjects, a.methods, a.model, None, a.elastix_iterations, a.ants_python, a.max_pairs,
+                            iterations=a.iterations)
     from ..benchmark.report import machine_description
 
     mach = machine_description()
