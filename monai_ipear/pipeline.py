@@ -57,7 +57,8 @@ from monai.transforms import (
 from .controllers import controller_from_spec
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
 
-__all__ = ["RegistrationPipeline", "warp_to_fixed", "save_nifti", "resample_at", "index_grid", "PREALIGN_CHOICES"]
+__all__ = ["RegistrationPipeline", "set_iteration_control", "warp_to_fixed", "save_nifti", "resample_at", "index_grid",
+           "PREALIGN_CHOICES"]
 
 PREALIGN_CHOICES = ("affine", "none")
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))

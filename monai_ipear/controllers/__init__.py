@@ -9,6 +9,6 @@ from .base import (
     simulate_controller,
 )
 from .iterstop import IterStop
-from .spec import controller_from_spec
 from .similarity import get_similarity, global_ncc, global_ncc_iirp, negative_mae, negative_mse
+from .spec import controller_from_spec
 from .tci import TCI, TCI_ORDERS, TCIWindow, convergence_reached, stability_reached
