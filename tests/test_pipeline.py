@@ -415,6 +415,13 @@ def test_register_iterations_option_sets_the_updates_per_level(tmp_path, capsys)
     direct.network.controller = FixedIterations(2)
     result = direct(files["fixed"], files["moving"])
     assert np.allclose(np.moveaxis(result["ddf"].numpy(), 0, -1), fields["2"], atol=1e-4)
+    from monai.bundle import run  # the bundle's register run takes the same setting
+
+    run(config_file=os.path.join(REPO, "configs", "inference.json"), bundle_root=str(tmp_path), device="cpu",
+        fixed_image=files["fixed"], moving_image=files["moving"], prealign="none", output_dir=str(tmp_path / "bundle"),
+        meta_file=os.path.join(REPO, "configs", "metadata.json"), logging_file=os.path.join(REPO, "configs", "logging.conf"),
+        **{"registration_pipeline#iterations": 2})
+    assert np.allclose(nib.load(str(tmp_path / "bundle" / "moving_to_fixed_ddf.nii.gz")).get_fdata(), fields["2"], atol=1e-5)
     capsys.readouterr()
     assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out-dir", str(tmp_path / "x"),
                  "--iterations", "0"]) == 2
