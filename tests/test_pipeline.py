@@ -394,7 +394,7 @@ def statistics_mean(values):
 
 def test_register_iterations_option_sets_the_updates_per_level(tmp_path, capsys):
     """``--iterations k``: k updates at every level (the summary says so, and the field is the network's under
-    FixedIterations(k)); ``tci`` is the default; anything else is a one-line error."""
+    FixedIterations(k), also through the bundle's register run); anything else is a one-line error."""
     from monai_ipear import FixedIterations
     from monai_ipear.pipeline import RegistrationPipeline
 

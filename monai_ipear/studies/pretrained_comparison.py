@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from monai.transforms import Orientation
 
+from ..controllers import FixedIterations, controller_from_spec
 from ..metrics import folding_percentage, label_overlap_metrics
-from ..pipeline import RegistrationPipeline, save_nifti
+from ..pipeline import RegistrationPipeline, save_nifti, set_iteration_control
 
 __all__ = ["run_comparison", "format_comparison", "comparison_main", "METHODS"]
 
@@ -122,7 +123,7 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
                    elastix_iterations: int = 256, ants_python: str | None = None, max_pairs: int | None = None,
                    log=print, iterations: str | int | None = None) -> dict:
     """``subjects``: dicts of ``image``, ``label`` (and optional ``mask``) paths; ``iterations``: the ``register``
-    network's iteration control (``register --iterations``; default TCI). Returns
+    network's iteration control (``register --iterations``, set on ``pipeline``'s network; default: its own). Returns
     ``{"rows": {method: [per-pair dict]}, "notes": [...], "pairs": [...]}``."""
     from ..preprocessing.elastix import has_elastix
 
@@ -137,9 +138,9 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
         if not ok:
             methods.remove("ants-syn")
     if "register" in methods and pipeline is None:
-        pipeline = RegistrationPipeline(model=model, device="cpu", iterations=iterations)
-    if "register" in methods and iterations is not None:
-        notes.append(f"`register` with --iterations {iterations} (not TCI): {iterations} update(s) at every level")
+        pipeline = RegistrationPipeline(model=model, device="cpu")
+    if pipeline is not None and iterations is not None:
+        set_iteration_control(pipeline.network, iterations)
     if pipeline is not None and pipeline.metadata.get("placeholder"):
         notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
     loaded = []
@@ -186,12 +187,19 @@ def _ms(values, fmt):
     return fmt.format(statistics.mean(v)) + (f" ({fmt.format(statistics.stdev(v))})" if len(v) > 1 else "")
 
 
+def _register_display(iterations: str | None) -> str:
+    """The ``register`` row's name under ``register --iterations`` (``None``: the network's own control, TCI)."""
+    controller = None if iterations is None else controller_from_spec(iterations)
+    if not isinstance(controller, FixedIterations):
+        return DISPLAY["register"]
+    k = controller.k_max
+    updates = f"{k} update{'s' if k > 1 else ''} per level"
+    return f"`register --iterations {k}` (packaged iPEAR, {updates}, affine pre-alignment)"
+
+
 def format_comparison(result: dict, command: str = "", machine: str = "") -> str:
     rows = result["rows"]
-    k = result.get("register_iterations")
-    display = dict(DISPLAY)
-    if k is not None and k.strip().lower() != "tci":
-        display["register"] = f"`register --iterations {k}` (packaged iPEAR, {k} updates per level, affine pre-alignment)"
+    display = {**DISPLAY, "register": _register_display(result.get("register_iterations"))}
     ref = rows.get("register")
     ref_t = statistics.mean(r["time_s"] for r in ref) if ref else None
     ref_d = statistics.mean(r["dice"] for r in ref) if ref else None
