@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
+from ...controllers.samples import select_samples
 from ..utils import records_grad, tracing
 
-__all__ = ["FieldComposer", "resize_ddf", "upsample_linear", "pad_to_divisible", "crop_to"]
+__all__ = ["FieldComposer", "PreparedWarp", "resize_ddf", "upsample_linear", "pad_to_divisible", "crop_to"]
 
 
 def _interp_mode(spatial_dims: int) -> str:
@@ -122,6 +123,7 @@ class FieldComposer(torch.nn.Module):
         # one identity grid per shape: a pyramid warps at every level's resolution and, under iteration control,
         # at full resolution after every update (a single-entry cache was rebuilt at each of those switches)
         self._grid_cache: dict[tuple, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self._voxel_cache: dict[tuple, torch.Tensor] = {}  # PreparedWarp's identities in voxels, per (shape, factor)
 
     GRID_CACHE_SIZE = 8  # shapes kept (a pyramid of L levels uses L, plus its full-resolution grid)
 
@@ -183,12 +185,73 @@ class FieldComposer(torch.nn.Module):
             grid = upsample_linear(grid, [s * factor for s in ddf.shape[2:]])
         return grid.movedim(1, -1)
 
+    def prepare_warp(self, image: torch.Tensor) -> "PreparedWarp":
+        """``image`` ``(B, C, *spatial)`` made ready to be warped many times by fields of its samples (iteration control
+        warps the moving image at full resolution after every update): see :class:`PreparedWarp`."""
+        return PreparedWarp(self, image)
+
+    def _voxel_grid(self, spatial, device, factor: int = 1) -> torch.Tensor:
+        """Identity ``(1, nd, *spatial)`` in voxels of the grid ``factor`` times finer (channel ``i``: axis ``i``), the
+        positions that linear upsampling with ``align_corners=True`` gives this grid's voxels; cached per shape."""
+        key = (tuple(spatial), torch.device(device), factor)
+        if key not in self._voxel_cache:
+            axes = [torch.arange(s, device=device, dtype=torch.float32) * ((s * factor - 1) / max(s - 1, 1)) for s in spatial]
+            if len(self._voxel_cache) >= self.GRID_CACHE_SIZE:
+                self._voxel_cache.pop(next(iter(self._voxel_cache)))
+            self._voxel_cache[key] = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+        return self._voxel_cache[key]
+
     def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
         """Compose a residual ``delta`` onto ``ddf``: ``ddf(x + delta(x)) + delta(x)``; ``None`` means identity."""
         delta = delta.float()
         if ddf is None:
             return delta
         return self.warp(ddf, delta) + delta
+
+
+class PreparedWarp:
+    """``warp(image[index], ddf, factor=factor)`` of one image batch by many fields, with what depends on the image alone
+    prepared once.
+
+    On CPU, for 3D images, linear sampling with zeros padding and no autograd (iteration control's evaluations), the
+    image is laid out once as a :class:`~monai_ipear.networks.blocks.slice_mosaic.SliceMosaic` and every warp samples it
+    with PyTorch's vectorised 2D sampler. The benchmark pair at 160x192x160 (one channel) under the fields iPEAR's TCI
+    evaluates at levels 4, 3, 2, 1, on the 2-core development CPU: 54, 55, 58, 47 ms -> 42, 43, 47, 36 ms per warp
+    (0.69 -> 0.55 s for the 12 evaluations of a 3/3/3/3 forward). Values equal :meth:`FieldComposer.warp` up to the
+    mosaic's position rounding (a linear ramp at that size: at most 3.5e-4 voxels, the 3D sampler 7e-5; tested on
+    small volumes). Elsewhere (2D, CUDA, other padding, autograd, tracing, ``fast=False``) it calls
+    :meth:`FieldComposer.warp`.
+
+    ``__call__(ddf, index=None, factor=1)``: ``ddf`` ``(b, spatial_dims, *spatial / factor)`` of the samples ``index``
+    (``(b,)`` long, increasing; ``None``: all) -> ``(b, C, *spatial)``.
+    """
+
+    def __init__(self, fields: FieldComposer, image: torch.Tensor) -> None:
+        self.fields, self.image = fields, image
+        self.mosaic = None
+        if (
+            fields.fast
+            and fields.padding_mode == "zeros"
+            and image.ndim == 5
+            and image.device.type == "cpu"
+            and not records_grad(image)
+            and not tracing()
+        ):
+            from .slice_mosaic import SliceMosaic
+
+            self.mosaic = SliceMosaic(image)
+
+    def __call__(self, ddf: torch.Tensor, index: torch.Tensor | None = None, factor: int = 1) -> torch.Tensor:
+        if self.mosaic is None or records_grad(ddf) or tracing():
+            image = self.image if index is None else select_samples(self.image, index)
+            return self.fields.warp(image, ddf, factor=factor)
+        fine = [s * factor for s in ddf.shape[2:]]
+        if list(self.image.shape[2:]) != fine or ddf.shape[1] != 3:
+            raise ValueError(f"image {tuple(self.image.shape)} and DDF {tuple(ddf.shape)} (x{factor}) do not match.")
+        coords = torch.add(self.fields._voxel_grid(ddf.shape[2:], ddf.device, factor), ddf.float(), alpha=factor)
+        if factor != 1:  # linear upsampling reproduces the identity: positions of the upsampled field
+            coords = upsample_linear(coords, fine)
+        return self.mosaic.sample(coords, index)
 
 
 def _grid_sample(image: torch.Tensor, grid: torch.Tensor, padding_mode: str) -> torch.Tensor:

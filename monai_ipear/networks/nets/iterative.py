@@ -87,8 +87,10 @@ class IterativeRegistration(nn.Module):
                 return self.fields.compose(None, self.predict(select_samples(moving, index), select_samples(fixed, index)))
             return self.fields.compose(u, self.predict(self.fields.warp(select_samples(moving, index), u), select_samples(fixed, index)))
 
+        moving_warp = self.fields.prepare_warp(moving) if controller.needs_similarity else None
+
         def evaluate(u, index):
-            return controller.similarity(self.fields.warp(select_samples(moving, index), u), select_samples(fixed, index))
+            return controller.similarity(moving_warp(u, index), select_samples(fixed, index))
 
         ddf = torch.zeros(batch, self.spatial_dims, *moving.shape[2:], device=moving.device, dtype=torch.float32)
         ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=True)

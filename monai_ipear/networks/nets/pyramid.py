@@ -158,6 +158,7 @@ class PyramidRegistrationNet(nn.Module):
         controllers = self.controllers
         fixed_own = crop_to(fixed, spatial)
         prepared_cache: dict = {}
+        moving_warp = None  # the moving image prepared for its full-resolution warps (iteration control's evaluations)
 
         def prepared(similarity):
             # the fixed image's part of the similarity (centred image, variance) is computed once per forward
@@ -186,8 +187,11 @@ class PyramidRegistrationNet(nn.Module):
             controller = SinglePass() if single else controllers[lvl]
 
             def evaluate(u, index, lvl=lvl, controller=controller):
+                nonlocal moving_warp
+                if moving_warp is None:
+                    moving_warp = self.fields.prepare_warp(moving)
                 # the similarity of the image's own extent: the padding added above is cropped off both images
-                warped = crop_to(self.fields.warp(select_samples(moving, index), u, factor=2**lvl), spatial)
+                warped = crop_to(moving_warp(u, index, factor=2**lvl), spatial)
                 return prepared(controller.similarity)(warped, index)
 
             ddf, kept, trace = controlled_refinement(controller, ddf, update, evaluate, coarsest=coarsest)
