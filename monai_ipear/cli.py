@@ -437,7 +437,7 @@ def warp(image=None, ddf=None, out=None, label=False, ddf_units="voxel", itk_fie
     image = _check_file(image, "image")
     if out is None or str(out) == "":
         raise RegistrationCLIError("--out is required.")
-    from monai_ipear.engines.preflight import as_bool
+    from monai_ipear.booleans import as_bool
 
     try:
         label = as_bool(label, "--label")  # the one boolean parser: --label false is false

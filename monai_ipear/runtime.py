@@ -44,7 +44,7 @@ def keep_freed_cpu_memory() -> bool:
     """
     if _STATE["done"]:
         return True
-    from .engines.preflight import as_bool  # the package's one boolean parser
+    from .booleans import as_bool  # the package's one boolean parser
 
     if not as_bool(os.environ.get("MONAI_IPEAR_KEEP_FREED_MEMORY", "1"), "MONAI_IPEAR_KEEP_FREED_MEMORY"):
         return False

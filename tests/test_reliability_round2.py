@@ -279,6 +279,36 @@ def test_one_boolean_parser_for_overrides(tmp_path):
         monai_ipear.check_training_setup(str(tmp_path), shuffle="false")
 
 
+def test_component_flags_read_override_strings_as_booleans():
+    # `--network_def#network#unroll_training false` or `--network_def#network#use_sab false` reaches the component
+    # as the string 'false'; every boolean a config can set goes through the one parser (before: 'false' was true)
+    from monai.bundle import ConfigParser
+
+    from monai_ipear.controllers import IterStop
+    from monai_ipear.engines.outputs import RegistrationOutputWriter
+    from monai_ipear.networks.blocks.neighborhood_attention import NeighborhoodAttention
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(CONFIGS, "train.json"))
+    for value, expected in (("false", False), ("true", True), ("off", False)):
+        for key in ("unroll_training", "use_sab", "use_seb", "use_rp"):
+            parser[f"network_def#network#{key}"] = value
+        parser["network_def#network#spatial_dims"] = 2
+        parser.parse()
+        net = parser.get_parsed_content("network_def#network", instantiate=True)
+        farm = net.decoders[0]
+        assert net.unroll_training is expected, value
+        assert (type(farm.sab).__name__ == "FARMSpatialAttention") is expected, value
+        assert (type(farm.seb).__name__ != "Identity") is expected and (farm.rp is not None) is expected, value
+    assert monai_ipear.TCI(latched="false").latched is False and monai_ipear.TCI(latched="yes").latched is True
+    assert IterStop(faithful="false").faithful is False
+    assert RegistrationOutputWriter(itk_field="false").itk_field is False
+    assert NeighborhoodAttention(2, 8, 2, use_natten="false", qkv_bias="false").qkv.bias is None
+    assert monai_ipear.IterativeRegistration(torch.nn.Identity(), unroll_training="0").unroll_training is False
+    with pytest.raises(ValueError, match="use_sab must be a boolean"):
+        monai_ipear.iPEAR(spatial_dims=2, use_sab="flase")
+
+
 # ---------------------------------------------------------------- bundle training helpers
 
 TRAIN = {"spatial_dims": 3, "synthetic#spatial_size": SIZE, "synthetic#num_labels": 2, "num_train_pairs": 4,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..booleans import as_bool
 from .base import ControllerSession, Decision, IterationController
 from .similarity import get_similarity
 
@@ -68,7 +69,7 @@ class IterStop(IterationController):
             raise ValueError(f"IterStop needs k_max >= 1, got {k_max}.")
         self.delta = float(delta)
         self.k_max = int(k_max)
-        self.faithful = bool(faithful)
+        self.faithful = as_bool(faithful, "faithful")
         similarity = similarity or ("ncc_iirp" if faithful else "ncc")
         self.similarity_name = similarity if isinstance(similarity, str) else getattr(similarity, "__name__", "custom")
         self.similarity = get_similarity(similarity)

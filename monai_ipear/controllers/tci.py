@@ -27,6 +27,7 @@ import statistics
 from collections import deque
 from collections.abc import Callable
 
+from ..booleans import as_bool
 from .base import ControllerSession, Decision, IterationController
 from .similarity import get_similarity
 
@@ -141,7 +142,7 @@ class TCI(IterationController):
         self.window = int(window)
         self.k_max = int(k_max)
         self.order = order
-        self.latched = bool(latched)
+        self.latched = as_bool(latched, "latched")
         self.similarity_name = similarity if isinstance(similarity, str) else getattr(similarity, "__name__", "custom")
         self.similarity = get_similarity(similarity)
 

@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from ..booleans import as_bool
+
 __all__ = ["load_registration_pairs", "pair_name", "unique_stems"]
 
 
@@ -149,7 +151,7 @@ def load_registration_pairs(
     else:
         raise ValueError(f"pairing must be 'inter_subject' or 'atlas', got '{pairing}'.")
 
-    if check_files:
+    if as_bool(check_files, "check_files"):
         needed = {s["image"] for pair in ordered for s in pair}
         if with_labels:
             needed |= {s["label"] for pair in ordered for s in pair}

@@ -18,6 +18,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from ..booleans import as_bool
+
 __all__ = ["registration_pair_transforms", "SameGridCheckd", "FiniteLabelsd", "check_same_grid"]
 
 IMAGE_KEYS = ("moving_image", "fixed_image")
@@ -118,7 +120,7 @@ def registration_pair_transforms(
             Spacingd(keys, pixdim=pixdim, mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys),
                      allow_missing_keys=allow_missing_keys)
         )
-    if check_grid and len(image_keys) >= 2:
+    if as_bool(check_grid, "check_grid") and len(image_keys) >= 2:
         xforms.append(SameGridCheckd(keys, reference_key=image_keys[-1], allow_missing_keys=allow_missing_keys))
     if label_keys:  # float-valued label maps (1.9999 / 2.0001): nearest integer, not truncation, downstream
         xforms.append(FiniteLabelsd(label_keys, allow_missing_keys=allow_missing_keys))

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelWriter
 
+from ..booleans import as_bool
+
 __all__ = [
     "RegistrationOutputWriter", "pair_names", "fixed_affines", "ddf_to_mm", "input_paths", "refuse_overwrite",
     "write_nifti", "write_label_map", "label_dtype", "check_finite",
@@ -142,7 +144,7 @@ class RegistrationOutputWriter:
         self.ddf_units = ddf_units
         self.fixed_key = fixed_key
         self.iterations_file = iterations_file
-        self.itk_field = bool(itk_field)
+        self.itk_field = as_bool(itk_field, "itk_field")
         self.rows: list[list] = []
         self.count = 0
         self.names: set[str] = set()  # output names written in this run: a second pair of the same name is refused

@@ -1,8 +1,6 @@
 """Checks that run before a training run starts, so that a mistake costs seconds, not an epoch.
 
-- :func:`as_bool`: the one boolean parser for bundle and CLI overrides. ``python -m monai.bundle run ...
-  --resume false`` hands the config the non-empty string ``'false'`` (``fire`` only turns ``False`` into a
-  bool), which Python treats as true.
+- :func:`as_bool` (from :mod:`monai_ipear.booleans`): the one boolean parser for bundle and CLI overrides.
 - :func:`check_training_setup`: types and ranges of the numeric settings, the datalist's label values against
   ``num_classes``, writable checkpoint and log folders, and a checkpoint to resume from; every problem found is
   reported in one ``ValueError``.
@@ -21,25 +19,11 @@ import socket
 import tempfile
 import time
 
+from ..booleans import as_bool
+
 __all__ = ["as_bool", "check_training_setup", "TrainingRunLock"]
 
-_TRUE = {"true", "yes", "on", "1", "y", "t"}
-_FALSE = {"false", "no", "off", "0", "n", "f"}
 logger = logging.getLogger(__name__)
-
-
-def as_bool(value, name: str = "value") -> bool:
-    """``True``/``False`` from a bool, 0/1, or a string such as ``true``/``False``/``yes``/``off``
-    (case-insensitive). Anything else raises ``ValueError`` naming ``name``: ``'flase'`` is not silently true."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
-        return bool(value)
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
-        return as_bool(value.item(), name)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"{name} must be a boolean (true/false), got {value!r}.")
 
 
 def _positive_number(value, name: str, problems: list, integer: bool = False, minimum: float = 0.0,

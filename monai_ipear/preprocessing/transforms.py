@@ -33,6 +33,7 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep
 
+from ..booleans import as_bool
 from .elastix import elastix_register, elastix_resample
 
 __all__ = ["AffinePrealignd", "real_scan_preprocessing"]
@@ -139,7 +140,7 @@ def real_scan_preprocessing(
     all_keys = subject + template
     modes = ["bilinear" if k == image_key else "nearest" for k in subject]
     xforms: list = []
-    if load:
+    if as_bool(load, "load"):
         xforms += [LoadImaged(all_keys, image_only=True), EnsureChannelFirstd(all_keys), Orientationd(all_keys, axcodes)]
     xforms.append(MaskIntensityd(image_key, mask_key=mask_key))
     box_source = mask_key

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer, Convolution
 
+from ...booleans import as_bool
 from ..utils import channels_last_format, cpu_training, records_grad, tracing
 
 __all__ = [
@@ -253,6 +254,7 @@ class FARM(nn.Module):
     ) -> None:
         super().__init__()
         c2 = 2 * in_channels
+        use_seb, use_sab, use_rp = as_bool(use_seb, "use_seb"), as_bool(use_sab, "use_sab"), as_bool(use_rp, "use_rp")
         self.seb = SqueezeExcitationBlock(spatial_dims, c2, se_reduction) if use_seb else nn.Identity()
         self.sab = FARMSpatialAttention(spatial_dims, sab_kernel_size, sab_mode) if use_sab else nn.Identity()
         self.rp = ResidualPathway(spatial_dims, c2, channels) if use_rp else None

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ...booleans import as_bool
 from ..utils import records_grad, tracing
 
 __all__ = [
@@ -312,6 +313,7 @@ class NeighborhoodAttention(nn.Module):
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}.")
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
+        use_natten, qkv_bias = as_bool(use_natten, "use_natten"), as_bool(qkv_bias, "qkv_bias")
         if use_natten and not natten_available():
             raise ImportError("use_natten=True but the natten package is not importable.")
         self.spatial_dims = spatial_dims

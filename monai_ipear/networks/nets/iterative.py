@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ...booleans import as_bool
 from ...controllers import IterationController, SinglePass, controlled_refinement, select_samples
 from ..blocks.fields import FieldComposer
 from ..utils import check_registration_pair
@@ -60,7 +61,7 @@ class IterativeRegistration(nn.Module):
         self.input_mode = input_mode
         self.output_index = output_index
         self.fields = FieldComposer(padding_mode)
-        self.unroll_training = unroll_training
+        self.unroll_training = as_bool(unroll_training, "unroll_training")
         self.levels = 1
         self.last_iterations: torch.Tensor | None = None
         self.last_similarities: list[torch.Tensor] = []

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ...booleans import as_bool
 from ...controllers import IterationController, SinglePass, controlled_refinement, select_samples
 from ...controllers.similarity import PreparedSimilarity
 from ..blocks.fields import FieldComposer, crop_to, pad_to_divisible, resize_ddf
@@ -115,7 +116,7 @@ class PyramidRegistrationNet(nn.Module):
             raise ValueError(f"the encoder has {enc_levels} levels but {self.levels} decoders were given.")
         self.controller = controller if controller is not None else SinglePass()
         self.fields = FieldComposer(padding_mode)
-        self.unroll_training = unroll_training
+        self.unroll_training = as_bool(unroll_training, "unroll_training")
         self.last_iterations: torch.Tensor | None = None
         self.last_similarities: list[torch.Tensor] = []
         # the decoders run at up to full resolution: channels-last convolutions (the encoder gains nothing measurable)
