@@ -436,3 +436,27 @@ def test_comparison_table_names_the_register_iteration_control():
     assert "`register` (packaged iPEAR, TCI, affine pre-alignment) |" in format_comparison(result)
     for k, label in (("2", "`register --iterations 2` (packaged iPEAR, 2 updates per level"), ("tci", ", TCI, ")):
         assert label in format_comparison({**result, "register_iterations": k})
+
+
+def test_export_writes_the_training_facts_onto_the_model_card(tmp_path):
+    # `python -m monai_ipear.pretrained`: learning rates and decoder passes as given (the packaged model's card says
+    # which steps were unrolled), a checkpoint dict's model weights, the float16 agreement check
+    from monai_ipear.networks import iPEAR
+    from monai_ipear.pretrained import export_main
+
+    torch.manual_seed(1)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": iPEAR(spatial_dims=3).state_dict(), "optimizer": {}}, ckpt)
+    out = tmp_path / "model.pt"
+    meta = export_main(["--checkpoint", str(ckpt), "--out", str(out), "--steps", "12", "--lr", "1e-4, then 3e-5",
+                        "--passes", "one pass per level for steps 1-6, then unrolled under TCI", "--check-shape",
+                        "16x16x16"])
+    recipe = meta["training"]["recipe"]
+    assert "Adam lr 1e-4, then 3e-5" in recipe and recipe.endswith("one pass per level for steps 1-6, then unrolled under TCI")
+    assert meta["training"]["steps"] == 12 and meta["placeholder"] is False
+    assert 0 <= meta["fp16_field_difference"]["max_abs_voxels"] < 0.1
+    loaded, meta2 = load_pretrained(str(out))
+    assert meta2["training"]["recipe"] == recipe
+    assert meta["training"]["recipe"].count("decoder pass") == 0  # the default wording is replaced, not appended
+    default = export_main(["--placeholder", "--out", str(tmp_path / "p.pt"), "--check-shape", "16x16x16"])
+    assert default["training"]["recipe"].endswith("batch 1, one decoder pass per level")

@@ -188,6 +188,9 @@ def export_main(argv=None) -> dict:
     p.add_argument("--training-time", default=None)
     p.add_argument("--lr", default="1e-4", help="the learning rate(s) of the run, as written on the model card "
                                                 "(e.g. '1e-4 for steps 1-2700, then 3e-5')")
+    p.add_argument("--passes", default="one decoder pass per level",
+                   help="the decoder passes per level in training, as written on the model card (e.g. 'one decoder "
+                        "pass per level for steps 1-3300, then unrolled under TCI')")
     p.add_argument("--note", default=None, help="free text for the training metadata")
     p.add_argument("--check-shape", default="80x112x80", help="size of the fp16-vs-fp32 check pair")
     a = p.parse_args(argv)
@@ -207,7 +210,7 @@ def export_main(argv=None) -> dict:
         "data": "IXI T1 (40 subjects of ixi_dlmuse_2mm; the last 6 of the sorted list held out for validation), "
                 "CC BY-SA 3.0, IXI dataset, Imperial College London",
         "recipe": "local NCC (window 9, squared) + 1.0 x gradient smoothness (forward differences), "
-                  f"Adam lr {a.lr}, batch 1, one decoder pass per level",
+                  f"Adam lr {a.lr}, batch 1, {a.passes}",
         "steps": a.steps, "hardware": a.hardware, "training_time": a.training_time, "note": a.note,
     }
     check = fp16_field_difference(net, tuple(int(v) for v in a.check_shape.lower().split("x")))
