@@ -436,6 +436,11 @@ def test_comparison_table_names_the_register_iteration_control():
     assert "`register` (packaged iPEAR, TCI, affine pre-alignment) |" in format_comparison(result)
     for k, label in (("2", "`register --iterations 2` (packaged iPEAR, 2 updates per level"), ("tci", ", TCI, ")):
         assert label in format_comparison({**result, "register_iterations": k})
+    # --model: the row names the file, not the packaged model
+    named = format_comparison({**result, "register_model": "tuned.pt"})
+    assert "`register` (iPEAR `tuned.pt`, TCI, affine pre-alignment) |" in named and "packaged" not in named
+    assert "(iPEAR `tuned.pt`, 4 updates per level" in format_comparison(
+        {**result, "register_model": "tuned.pt", "register_iterations": "4"})
 
 
 def test_export_writes_the_training_facts_onto_the_model_card(tmp_path):

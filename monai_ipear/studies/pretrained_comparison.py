@@ -177,7 +177,8 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
             log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
                 f"{r['time_s']:.2f} s")
     return {"rows": rows, "notes": notes, "pairs": [f"{loaded[i]['name']}_to_{loaded[j]['name']}" for i, j in pairs],
-            "register_iterations": None if iterations is None else str(iterations)}
+            "register_iterations": None if iterations is None else str(iterations),
+            "register_model": None if pipeline is None or model is None else os.path.basename(str(model))}
 
 
 def _ms(values, fmt):
@@ -187,19 +188,21 @@ def _ms(values, fmt):
     return fmt.format(statistics.mean(v)) + (f" ({fmt.format(statistics.stdev(v))})" if len(v) > 1 else "")
 
 
-def _register_display(iterations: str | None) -> str:
-    """The ``register`` row's name under ``register --iterations`` (``None``: the network's own control, TCI)."""
+def _register_display(iterations: str | None, model: str | None = None) -> str:
+    """The ``register`` row's name under ``register --iterations`` (``None``: the network's own control, TCI) and
+    ``--model`` (``None``: the packaged model)."""
     controller = None if iterations is None else controller_from_spec(iterations)
+    name = "packaged iPEAR" if model is None else f"iPEAR `{model}`"
     if not isinstance(controller, FixedIterations):
-        return DISPLAY["register"]
+        return DISPLAY["register"].replace("packaged iPEAR", name)
     k = controller.k_max
     updates = f"{k} update{'s' if k > 1 else ''} per level"
-    return f"`register --iterations {k}` (packaged iPEAR, {updates}, affine pre-alignment)"
+    return f"`register --iterations {k}` ({name}, {updates}, affine pre-alignment)"
 
 
 def format_comparison(result: dict, command: str = "", machine: str = "") -> str:
     rows = result["rows"]
-    display = {**DISPLAY, "register": _register_display(result.get("register_iterations"))}
+    display = {**DISPLAY, "register": _register_display(result.get("register_iterations"), result.get("register_model"))}
     ref = rows.get("register")
     ref_t = statistics.mean(r["time_s"] for r in ref) if ref else None
     ref_d = statistics.mean(r["dice"] for r in ref) if ref else None

@@ -131,13 +131,11 @@ class FieldComposer(torch.nn.Module):
         """Channels-first normalised identity grid ``(1, nd, *spatial)`` in array-axis order (channel ``i``: axis ``i``)
         and the per-axis scale ``(1, nd, 1, ...)`` from voxels of this grid to normalised units of the grid ``factor``
         times finer (kept per factor: no host-to-device copy per warp)."""
-        key = (tuple(spatial), torch.device(device))
-        if key not in self._grid_cache:
+        def build():
             axes = [torch.arange(s, device=device, dtype=torch.float32) * (2.0 / max(s - 1, 1)) - 1.0 for s in spatial]
-            if len(self._grid_cache) >= self.GRID_CACHE_SIZE:
-                self._grid_cache.pop(next(iter(self._grid_cache)))  # oldest first
-            self._grid_cache[key] = (torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None], {})
-        grid, scales = self._grid_cache[key]
+            return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None], {}
+
+        grid, scales = self._cached(self._grid_cache, (tuple(spatial), torch.device(device)), build)
         if factor not in scales:
             # normalised units of the fine grid, times the factor that turns voxels of this grid into fine ones
             scale = [2.0 * factor / max(s * factor - 1, 1) for s in spatial]
@@ -156,9 +154,7 @@ class FieldComposer(torch.nn.Module):
         """
         ddf = ddf.float()
         if self.fast and mode != "nearest" and not torch.jit.is_scripting():
-            fine = [s * factor for s in ddf.shape[2:]]
-            if list(image.shape[2:]) != fine or ddf.shape[1] != ddf.ndim - 2 or image.shape[0] != ddf.shape[0]:
-                raise ValueError(f"image {tuple(image.shape)} and DDF {tuple(ddf.shape)} (x{factor}) do not match.")
+            _check_warp_shapes(image.shape, ddf, factor)
             image = image.float()
             # grid_sample reads grid channel 0 as the input's last axis. Without an image gradient the image is read
             # through a reversed-axes view, so the grid keeps the DDF's axis order and is built in one channels-first
@@ -193,13 +189,19 @@ class FieldComposer(torch.nn.Module):
     def _voxel_grid(self, spatial, device, factor: int = 1) -> torch.Tensor:
         """Identity ``(1, nd, *spatial)`` in voxels of the grid ``factor`` times finer (channel ``i``: axis ``i``), the
         positions that linear upsampling with ``align_corners=True`` gives this grid's voxels; cached per shape."""
-        key = (tuple(spatial), torch.device(device), factor)
-        if key not in self._voxel_cache:
+        def build():
             axes = [torch.arange(s, device=device, dtype=torch.float32) * ((s * factor - 1) / max(s - 1, 1)) for s in spatial]
-            if len(self._voxel_cache) >= self.GRID_CACHE_SIZE:
-                self._voxel_cache.pop(next(iter(self._voxel_cache)))
-            self._voxel_cache[key] = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
-        return self._voxel_cache[key]
+            return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
+
+        return self._cached(self._voxel_cache, (tuple(spatial), torch.device(device), factor), build)
+
+    def _cached(self, cache: dict, key: tuple, build):
+        """``cache[key]``, built by ``build()`` when missing; at most ``GRID_CACHE_SIZE`` entries, the oldest dropped."""
+        if key not in cache:
+            if len(cache) >= self.GRID_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = build()
+        return cache[key]
 
     def compose(self, ddf: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
         """Compose a residual ``delta`` onto ``ddf``: ``ddf(x + delta(x)) + delta(x)``; ``None`` means identity."""
@@ -216,8 +218,8 @@ class PreparedWarp:
     On CPU, for 3D images, linear sampling with zeros padding and no autograd (iteration control's evaluations), the
     image is laid out once as a :class:`~monai_ipear.networks.blocks.slice_mosaic.SliceMosaic` and every warp samples it
     with PyTorch's vectorised 2D sampler. The benchmark pair at 160x192x160 (one channel) under the fields iPEAR's TCI
-    evaluates at levels 4, 3, 2, 1, on the 2-core development CPU: 54, 55, 58, 47 ms -> 42, 43, 47, 36 ms per warp
-    (0.69 -> 0.55 s for the 12 evaluations of a 3/3/3/3 forward). Values equal :meth:`FieldComposer.warp` up to the
+    evaluates at levels 4, 3, 2, 1, on the 2-core development CPU: 53, 59, 58, 48 ms -> 46, 47, 49, 39 ms per warp
+    (0.71 -> 0.60 s for the 12 evaluations of a 3/3/3/3 forward). Values equal :meth:`FieldComposer.warp` up to the
     mosaic's position rounding (a linear ramp at that size: at most 3.5e-4 voxels, the 3D sampler 7e-5; tested on
     small volumes). Elsewhere (2D, CUDA, other padding, autograd, tracing, ``fast=False``) it calls
     :meth:`FieldComposer.warp`.
@@ -245,13 +247,20 @@ class PreparedWarp:
         if self.mosaic is None or records_grad(ddf) or tracing():
             image = self.image if index is None else select_samples(self.image, index)
             return self.fields.warp(image, ddf, factor=factor)
-        fine = [s * factor for s in ddf.shape[2:]]
-        if list(self.image.shape[2:]) != fine or ddf.shape[1] != 3:
-            raise ValueError(f"image {tuple(self.image.shape)} and DDF {tuple(ddf.shape)} (x{factor}) do not match.")
+        batch = self.image.shape[0] if index is None else len(index)
+        _check_warp_shapes((batch, *self.image.shape[1:]), ddf, factor)
         coords = torch.add(self.fields._voxel_grid(ddf.shape[2:], ddf.device, factor), ddf.float(), alpha=factor)
         if factor != 1:  # linear upsampling reproduces the identity: positions of the upsampled field
-            coords = upsample_linear(coords, fine)
+            coords = upsample_linear(coords, [s * factor for s in ddf.shape[2:]])
         return self.mosaic.sample(coords, index)
+
+
+def _check_warp_shapes(image_shape: Sequence[int], ddf: torch.Tensor, factor: int) -> None:
+    """``ValueError`` unless ``ddf`` is a field of the samples of an image ``image_shape`` on its grid ``factor``
+    times coarser."""
+    fine = [s * factor for s in ddf.shape[2:]]
+    if list(image_shape[2:]) != fine or ddf.shape[1] != ddf.ndim - 2 or image_shape[0] != ddf.shape[0]:
+        raise ValueError(f"image {tuple(image_shape)} and DDF {tuple(ddf.shape)} (x{factor}) do not match.")
 
 
 def _grid_sample(image: torch.Tensor, grid: torch.Tensor, padding_mode: str) -> torch.Tensor:

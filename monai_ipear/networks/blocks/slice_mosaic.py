@@ -2,8 +2,8 @@
 
 Why by hand: PyTorch's CPU grid sampler is vectorised for 2D inputs only; its 3D kernel is a scalar loop. Iteration
 control warps the moving image at full resolution after every update; with the fields of a real forward at
-160x192x160 on the 2-core development CPU one such warp takes 47-58 ms through the 3D kernel (split over both
-threads) and 36-47 ms through the mosaic below (about 25 ms of 2D sampling, the rest coordinate arithmetic). No
+160x192x160 on the 2-core development CPU one such warp takes 48-59 ms through the 3D kernel (split over both
+threads) and 39-49 ms through the mosaic below (about 25 ms of 2D sampling, the rest coordinate arithmetic). No
 library offers a vectorised 3D sampler on CPU (MONAI's ``Warp`` and Kornia call ``grid_sample``).
 
 Trilinear interpolation is bilinear interpolation in ``(y, x)`` on the slices ``z0 = floor(z)`` and ``z0 + 1``,
@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ...controllers.samples import select_samples
+from .fields import _grid_sample  # the package's grid_sample: one sample split over the threads
 
 __all__ = ["SliceMosaic"]
 
@@ -85,16 +85,6 @@ class SliceMosaic:
         grid = torch.empty(b, *out_spatial, 2, dtype=coords.dtype, device=coords.device)
         torch.add(tile_col.mul_((w + 1) * sx).add_(sx - 1.0), x.clamp_(-1.0, float(w)), alpha=sx, out=grid[..., 0])
         torch.add(tile_row.mul_((h + 1) * sy).add_(sy - 1.0), y.clamp_(-1.0, float(h)), alpha=sy, out=grid[..., 1])
-        # PyTorch's 2D sampler runs its batch entries in parallel, each on one thread: one sample is split into as many
-        # slabs of grid rows as there are threads (the mosaic expanded, not copied), whose outputs follow one another
-        n, rows_out = b, out_spatial[0] * out_spatial[1]
-        if b == 1:
-            n = max(k for k in range(1, torch.get_num_threads() + 1) if rows_out % k == 0)
-        grid = grid.view(n, rows_out * b // n, out_spatial[-1], 2)
-        pair = F.grid_sample(mosaic.expand(n, *mosaic.shape[1:]), grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=True)  # (n, 2C, rows, W')
+        pair = _grid_sample(mosaic, grid.view(b, -1, out_spatial[-1], 2), "zeros")  # (b, 2C, D' * H', W'), threaded
         c = self.channels
-        out = torch.lerp(pair[:, :c], pair[:, c:], weight.reshape(n, 1, *pair.shape[2:]))
-        if n != b:  # slabs of one sample: back to (1, C, ...); one channel needs no copy
-            out = out.movedim(0, 1).reshape(1, c, -1, out_spatial[-1])
-        return out.view(b, c, *out_spatial)
+        return torch.lerp(pair[:, :c], pair[:, c:], weight.reshape(b, 1, *pair.shape[2:])).view(b, c, *out_spatial)
