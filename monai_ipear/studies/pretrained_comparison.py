@@ -49,8 +49,8 @@ from ..pipeline import RegistrationPipeline, save_nifti, set_iteration_control
 __all__ = ["run_comparison", "format_comparison", "comparison_main", "METHODS"]
 
 METHODS = ("register", "elastix-affine", "elastix-bspline", "ants-syn")
-DISPLAY = {"register": "`register` (packaged iPEAR, TCI, affine pre-alignment)", "elastix-affine": "elastix affine",
-           "elastix-bspline": "elastix affine + B-spline", "ants-syn": "ANTs SyN"}
+# the register row is named by _register_display (model file and iteration control)
+DISPLAY = {"elastix-affine": "elastix affine", "elastix-bspline": "elastix affine + B-spline", "ants-syn": "ANTs SyN"}
 _RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 
@@ -193,11 +193,11 @@ def _register_display(iterations: str | None, model: str | None = None) -> str:
     ``--model`` (``None``: the packaged model)."""
     controller = None if iterations is None else controller_from_spec(iterations)
     name = "packaged iPEAR" if model is None else f"iPEAR `{model}`"
-    if not isinstance(controller, FixedIterations):
-        return DISPLAY["register"].replace("packaged iPEAR", name)
-    k = controller.k_max
-    updates = f"{k} update{'s' if k > 1 else ''} per level"
-    return f"`register --iterations {k}` ({name}, {updates}, affine pre-alignment)"
+    command, control = "`register`", "TCI"
+    if isinstance(controller, FixedIterations):
+        k = controller.k_max
+        command, control = f"`register --iterations {k}`", f"{k} update{'s' if k > 1 else ''} per level"
+    return f"{command} ({name}, {control}, affine pre-alignment)"
 
 
 def format_comparison(result: dict, command: str = "", machine: str = "") -> str:
