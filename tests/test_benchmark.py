@@ -288,3 +288,117 @@ def test_fresh_process_peak_memory_sees_the_allocation_every_time():
         assert abs(r["tensor_peak_mb"] - 300) < 1, r  # the tensor alone, whatever the allocator keeps
     small = peak_memory_in_fresh_process(functools.partial(_allocate, 1))
     assert small["peak_rise_mb"] < 60, small
+
+
+# ---- other tools as speed rows (antspyx / unigradicon are optional: faked here, so the plumbing is tested in CI)
+
+
+class _FakeICONNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.regis_net = torch.nn.Conv3d(2, 3, 3)
+
+    def clean(self):  # uniGradICON's: drops the last call's transforms
+        del self.phi_AB
+
+
+def _fake_unigradicon(monkeypatch):
+    """Stand-ins for ``unigradicon`` and ``icon_registration.itk_wrapper`` that record what they are given."""
+    import sys
+    import types
+
+    calls = []
+
+    def register_pair(model, image_A, image_B, finetune_steps=None, **kwargs):
+        print("loss printed by the tool")
+        model.phi_AB = lambda coordinates: coordinates  # kept by the real network: a closure, not picklable
+        calls.append({"model": model, "A": image_A, "B": image_B, "steps": finetune_steps,
+                      "grad": torch.is_grad_enabled()})
+        return ("phi_AB", "phi_BA")
+
+    ugi = types.ModuleType("unigradicon")
+    ugi.input_shape = [1, 1, 175, 175, 175]
+    ugi.make_network = lambda shape, include_last_step=False: _FakeICONNet()
+    icon = types.ModuleType("icon_registration")
+    wrapper = types.ModuleType("icon_registration.itk_wrapper")
+    wrapper.register_pair = register_pair
+    icon.itk_wrapper = wrapper
+    for name, mod in (("unigradicon", ugi), ("icon_registration", icon), ("icon_registration.itk_wrapper", wrapper)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls
+
+
+def test_unigradicon_speed_row_runs_its_register_pair_as_its_command_does(monkeypatch, tmp_path, capsys):
+    import pickle
+
+    import itk
+
+    from monai_ipear.benchmark.methods import display_name
+    from monai_ipear.benchmark.speed import _Call
+
+    calls = _fake_unigradicon(monkeypatch)
+    moving = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 2, 3, 4) / 24
+    fixed = 1 - moving
+    weights = tmp_path / "Step_2_final.trch"
+    reference = torch.nn.Conv3d(2, 3, 3)
+    torch.save(reference.state_dict(), weights)
+    for name, steps in (("unigradicon", None), ("unigradicon-io7", 7)):
+        method = build_method(name, {"unigradicon": str(weights)})
+        assert method.register is None and not method.available  # no field: not a row of the accuracy table
+        assert method.note == "speed row only" and method.parameters == 3 * 2 * 27 + 3
+        assert torch.equal(method.network.net.regis_net.weight, reference.weight)  # the given weights are loaded
+        _Call(method.network, False, "cpu")(moving, fixed)  # as the speed study calls it (under no_grad)
+        call = calls[-1]
+        assert call["steps"] == steps and call["grad"] is (steps is not None)  # instance optimisation needs gradients
+        assert call["model"] is method.network.net
+        pickle.dumps(method.network)  # picklable after a call: the study measures memory in a spawned process
+        # image_A is the moving image (phi_AB warps A onto B), as an ITK image of the same array
+        np.testing.assert_array_equal(itk.array_from_image(call["A"]), moving[0, 0].numpy())
+        np.testing.assert_array_equal(itk.array_from_image(call["B"]), fixed[0, 0].numpy())
+    assert "loss printed by the tool" not in capsys.readouterr().out  # its prints do not flood the study's log
+    assert display_name("unigradicon-io50") == "uniGradICON, 50 instance-optimisation steps"
+    assert display_name("unigradicon") == "uniGradICON (network only)" and display_name("rpnet") == "RP-Net (single pass)"
+    random = build_method("unigradicon")
+    assert "random weights" in random.note
+    with pytest.raises(ValueError, match="io_steps"):
+        type(random.network)(io_steps=0)
+
+
+def test_unigradicon_missing_is_a_clear_error_of_the_speed_study(monkeypatch, tmp_path):
+    from monai_ipear.benchmark import methods
+    from monai_ipear.benchmark.__main__ import benchmark_main as main
+
+    monkeypatch.setattr(methods, "has_unigradicon", lambda: False)
+    assert methods.build_method("unigradicon").network is None
+    img = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)), img)
+    with pytest.raises(SystemExit, match="unigradicon: no speed row .skipped: unigradicon"):
+        main(["--methods", "--speed-images", str(img), str(img), "--speed-sizes", "8x8x8", "--speed-methods",
+              "rpnet", "unigradicon", "--no-memory", "--out", str(tmp_path / "speed.md")])
+
+
+def test_ants_speed_row_registers_fixed_and_moving_in_ants_order_with_the_study_threads(monkeypatch):
+    import sys
+    import types
+
+    from monai_ipear.benchmark.external import AntsSyN
+
+    seen = {}
+    ants = types.ModuleType("ants")
+    ants.from_numpy = lambda a: ("image", a)
+
+    def registration(fixed, moving, type_of_transform):
+        seen.update(fixed=fixed[1], moving=moving[1], kind=type_of_transform,
+                    threads=os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"))
+        return {"fwdtransforms": ["warp.nii.gz", "affine.mat"]}
+
+    ants.registration = registration
+    monkeypatch.setitem(sys.modules, "ants", ants)
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+    moving = torch.rand(1, 1, 3, 4, 5)
+    fixed = torch.rand(1, 1, 3, 4, 5)
+    out = AntsSyN()(moving, fixed)
+    assert out["fwdtransforms"][0] == "warp.nii.gz" and seen["kind"] == "SyN"
+    np.testing.assert_array_equal(seen["fixed"], fixed[0, 0].numpy())
+    np.testing.assert_array_equal(seen["moving"], moving[0, 0].numpy())
+    assert seen["threads"] == str(torch.get_num_threads())

@@ -15,6 +15,9 @@ Speed only, on one pair of images (no datalist, no accuracy table)::
         --speed-methods ipear rpnet ipear-fixed3 --speed-encoders ipear rpnet --speed-train ipear rpnet \
         --fixed-at-tci --threads 2 --out speed.md
 
+Other tools as speed rows in the same rounds (from a Python that has antspyx, or unigradicon and icon_registration;
+see :mod:`monai_ipear.benchmark.external`): ``--speed-methods ipear rpnet ants-syn unigradicon unigradicon-io1``.
+
 Pairs are all ordered pairs of the ``--split`` subjects of the datalist (``validation`` by default).
 """
 
@@ -77,7 +80,7 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prep-dir", default="runs/prep")
     p.add_argument("--methods", nargs="*", default=list(METHOD_NAMES[:8]), choices=METHOD_NAMES,
                    help="methods of the accuracy table (none: speed study only)")
-    p.add_argument("--weights", nargs="*", default=[], help="arch=path for ipear, rpnet, voxelmorph (state_dict files)")
+    p.add_argument("--weights", nargs="*", default=[], help="arch=path for ipear, rpnet, voxelmorph (state_dict files), unigradicon (its Step_2_final.trch)")
     p.add_argument("--train-minutes", type=float, default=None, help="train each learned architecture this long first")
     p.add_argument("--train-steps", type=int, default=None, help="or stop training after this many steps")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -162,7 +165,14 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
         from .speed import speed_study
 
         names = list(dict.fromkeys(a.speed_methods + a.speed_encoders + a.speed_train))
-        nets = {m: build_method(m, weights).network for m in names}
+        nets = {}
+        for m in names:
+            method = build_method(m, weights)
+            if method.network is None:
+                raise SystemExit(f"--speed-methods {m}: no speed row ({method.note or 'not a timed tool'})")
+            nets[m] = method.network
+            if method.note and m not in a.methods:
+                notes.append(f"{method.display}: {method.note}")
         if a.reference_paths:
             from ..networks.nets import use_reference_paths
 

@@ -5,10 +5,14 @@ package or MONAI's :class:`~monai.networks.nets.VoxelMorph`; ``iirpnet`` is RP-N
 (IIRP-Net is RP-Net with iterative inference) and ``ipear-fixed3`` iPEAR's weights with 3 updates per level.
 Classical baselines: ``elastix-affine`` (affine only) and ``elastix-bspline`` (optional extra ``prealign``),
 ``ants-syn`` (``antspyx``, not a dependency: skipped with a note when absent).
+Speed rows only (:mod:`~monai_ipear.benchmark.external`): ``unigradicon`` (its network alone) and
+``unigradicon-io<N>`` (with N instance-optimisation steps; its command's default is 50); ``ants-syn`` is a speed
+row too.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -19,10 +23,11 @@ from monai.utils import optional_import
 from ..controllers import FixedIterations, IterStop, SinglePass
 from ..networks.nets import RPNet, iPEAR
 from ..preprocessing.elastix import elastix_ddf, elastix_register, has_elastix
+from .external import UNIGRADICON_MISSING, AntsSyN, UniGradICON, has_unigradicon
 
 ants, has_ants = optional_import("ants")
 
-__all__ = ["VoxelMorphDDF", "BenchmarkMethod", "build_method", "METHOD_NAMES", "LEARNED_METHODS"]
+__all__ = ["VoxelMorphDDF", "BenchmarkMethod", "build_method", "display_name", "METHOD_NAMES", "LEARNED_METHODS"]
 
 METHOD_NAMES = ("ipear", "rpnet", "iirpnet", "ipear-fixed3", "voxelmorph", "elastix-affine", "elastix-bspline", "ants-syn",
                 "ipear-single", "rpnet-fixed3")
@@ -38,7 +43,17 @@ DISPLAY = {
     "rpnet-fixed3": "RP-Net, fixed 3 iterations",
     "encoder:ipear": "encoder of iPEAR (NA), stacked pair", "encoder:rpnet": "encoder of RP-Net (conv), stacked pair",
     "train:ipear": "training step of iPEAR (forward + backward)", "train:rpnet": "training step of RP-Net (forward + backward)",
+    "unigradicon": "uniGradICON (network only)",
 }
+_IO = re.compile(r"unigradicon-io(\d+)")
+
+
+def display_name(method: str) -> str:
+    """The name a report gives a method or row (``unigradicon-io<N>`` spelled out)."""
+    io_steps = _IO.fullmatch(method)
+    if io_steps:
+        return f"uniGradICON, {int(io_steps.group(1))} instance-optimisation steps"
+    return DISPLAY.get(method, method)
 
 
 class VoxelMorphDDF(torch.nn.Module):
@@ -76,13 +91,14 @@ class BenchmarkMethod:
     register: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
     parameters: int | None = None
     network: torch.nn.Module | None = None
+    """what the speed study times (learned methods: the network; ``ants-syn`` and ``unigradicon``: the tool)."""
     note: str = ""
     timed_once: bool = False
     """slow classical methods: one timed call per pair, no warm-up."""
 
     @property
     def display(self) -> str:
-        return DISPLAY.get(self.name, self.name)
+        return display_name(self.name)
 
     @property
     def available(self) -> bool:
@@ -172,7 +188,17 @@ def build_method(
 
             return _coordinate_ddf(warp, fixed.shape[2:])
 
-        return BenchmarkMethod(name, register, note="antspyx SyN defaults, timed once per pair", timed_once=True)
+        note = "antspyx SyN defaults (an affine stage, then SyN); the accuracy table times it once per pair"
+        return BenchmarkMethod(name, register, network=AntsSyN(), note=note, timed_once=True)
+    if name == "unigradicon" or _IO.fullmatch(name):
+        if not has_unigradicon():
+            return BenchmarkMethod(name, None, note=UNIGRADICON_MISSING)
+        io_steps = _IO.fullmatch(name)
+        path = weights.get("unigradicon")
+        tool = UniGradICON(path if isinstance(path, str) else None, int(io_steps.group(1)) if io_steps else None)
+        note = "speed row only" + ("" if path else "; random weights (its published weights are a download): "
+                                   "the same computation, no registration")
+        return BenchmarkMethod(name, None, sum(p.numel() for p in tool.parameters()), tool, note)
     raise ValueError(f"unknown method {name!r}; choose from {METHOD_NAMES}")
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from monai.utils import optional_import
 
-from .methods import DISPLAY
+from .methods import display_name
 from .report import summarize
 
 plt, has_matplotlib = optional_import("matplotlib.pyplot")
@@ -28,7 +28,7 @@ def plot_dice_boxes(results: Mapping[str, Sequence[dict]], path: str) -> str:
     ax = fig.add_subplot(111)
     data = [[100 * r["dice_mean"] for r in rows if "dice_mean" in r] for rows in results.values()]
     ax.boxplot(data)
-    ax.set_xticks(range(1, len(results) + 1), [DISPLAY.get(n, n) for n in results], rotation=30, ha="right")
+    ax.set_xticks(range(1, len(results) + 1), [display_name(n) for n in results], rotation=30, ha="right")
     ax.set_ylabel("Dice (%), mean over labels")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -51,7 +51,7 @@ def plot_iteration_histograms(results: Mapping[str, Sequence[dict]], path: str, 
         ax.set_xlabel("updates")
         if i == 0:
             ax.set_ylabel("pairs")
-    fig.suptitle(f"{DISPLAY.get(method, method)}: updates per level")
+    fig.suptitle(f"{display_name(method)}: updates per level")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -67,7 +67,7 @@ def plot_time_vs_dice(results: Mapping[str, Sequence[dict]], path: str) -> str:
         t = sum(s["time_s"]) / len(s["time_s"])
         d = [v for v in s["dice_mean"] if v == v]
         if d:
-            ax.scatter([t], [100 * sum(d) / len(d)], label=DISPLAY.get(name, name))
+            ax.scatter([t], [100 * sum(d) / len(d)], label=display_name(name))
     ax.set_xscale("log")
     ax.set_xlabel("time per pair (s)")
     ax.set_ylabel("Dice (%)")

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import monai
 import torch
 
-from .methods import DISPLAY
+from .methods import display_name
 
 __all__ = ["machine_description", "mean_sd", "summarize", "format_report"]
 
@@ -78,7 +78,7 @@ def accuracy_table(results: Mapping[str, Sequence[dict]], params: Mapping[str, i
         s = summarize(rows)
         p = params.get(name)
         lines.append(
-            f"| {DISPLAY.get(name, name)} | {p:,} |" if p else f"| {DISPLAY.get(name, name)} | - |"
+            f"| {display_name(name)} | {p:,} |" if p else f"| {display_name(name)} | - |"
         )
         lines[-1] += (
             f" {mean_sd(s['time_s'])} | {mean_sd(s['peak_mb'], '{:.0f}')} | "
@@ -92,7 +92,7 @@ def accuracy_table(results: Mapping[str, Sequence[dict]], params: Mapping[str, i
 def per_label_table(results: Mapping[str, Sequence[dict]], label_names: Mapping[int, str] | None = None) -> list[str]:
     names = list(results)
     labels = sorted({int(k[5:]) for rows in results.values() for r in rows for k in r if k.startswith("dice_") and k[5:].isdigit()})
-    lines = ["| Label | " + " | ".join(DISPLAY.get(n, n) for n in names) + " |", "|---|" + "---:|" * len(names)]
+    lines = ["| Label | " + " | ".join(display_name(n) for n in names) + " |", "|---|" + "---:|" * len(names)]
     for v in labels:
         cells = []
         for n in names:
@@ -118,7 +118,7 @@ def speed_table(speed: Sequence[dict]) -> list[str]:
         rounds = " ".join(f"{t:.2f}" for t in r.get("times_s", []))
         lines.append(
             f"| {'x'.join(map(str, r['size']))} | {r.get('batch', 1)} | {'yes' if r.get('autocast') else 'no'} | "
-            f"{DISPLAY.get(r['method'], r['method'])} | {r['time_s']:.3f} | {rounds} | {r['peak_mb']:.0f} | "
+            f"{display_name(r['method'])} | {r['time_s']:.3f} | {rounds} | {r['peak_mb']:.0f} | "
             f"{r.get('peak_rise_mb', float('nan')):.0f} | {r.get('tensor_peak_mb', float('nan')):.0f} | "
             f"{_iter_text(r.get('iterations'))} | "
             f"{'' if diff is None else f'{diff:.2g}'} | {'' if ratio is None else f'{ratio:.2f}'} |"
@@ -132,7 +132,7 @@ def training_table(training: Sequence[dict]) -> list[str]:
     for t in training:
         budget = [f"{t['budget_min']:g} min"] if t.get("budget_min") is not None else []
         budget += [f"{t['max_steps']} steps"] if t.get("max_steps") is not None else []
-        lines.append(f"| {DISPLAY.get(t['method'], t['method'])} | {' or '.join(budget)} | {t['wall_min']:.1f} | {t['steps']} | "
+        lines.append(f"| {display_name(t['method'])} | {' or '.join(budget)} | {t['wall_min']:.1f} | {t['steps']} | "
                      f"{t['epochs']} | {t['final_loss']:.4f} |")
     return lines
 
