@@ -357,6 +357,7 @@ def test_unigradicon_speed_row_runs_its_register_pair_as_its_command_does(monkey
         np.testing.assert_array_equal(itk.array_from_image(call["B"]), fixed[0, 0].numpy())
     assert "loss printed by the tool" not in capsys.readouterr().out  # its prints do not flood the study's log
     assert display_name("unigradicon-io50") == "uniGradICON, 50 instance-optimisation steps"
+    assert display_name("unigradicon-io1") == "uniGradICON, 1 instance-optimisation step"
     assert display_name("unigradicon") == "uniGradICON (network only)" and display_name("rpnet") == "RP-Net (single pass)"
     random = build_method("unigradicon")
     assert "random weights" in random.note

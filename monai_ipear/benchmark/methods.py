@@ -52,7 +52,8 @@ def display_name(method: str) -> str:
     """The name a report gives a method or row (``unigradicon-io<N>`` spelled out)."""
     io_steps = _IO.fullmatch(method)
     if io_steps:
-        return f"uniGradICON, {int(io_steps.group(1))} instance-optimisation steps"
+        steps = int(io_steps.group(1))
+        return f"uniGradICON, {steps} instance-optimisation step{'s' if steps != 1 else ''}"
     return DISPLAY.get(method, method)
 
 
