@@ -359,6 +359,8 @@ def test_unigradicon_speed_row_runs_its_register_pair_as_its_command_does(monkey
     assert display_name("unigradicon-io50") == "uniGradICON, 50 instance-optimisation steps"
     assert display_name("unigradicon-io1") == "uniGradICON, 1 instance-optimisation step"
     assert display_name("unigradicon") == "uniGradICON (network only)" and display_name("rpnet") == "RP-Net (single pass)"
+    with pytest.raises(ValueError, match="3D images"):
+        method.network(moving[..., 0], fixed[..., 0])
     random = build_method("unigradicon")
     assert "random weights" in random.note
     with pytest.raises(ValueError, match="io_steps"):
@@ -403,3 +405,5 @@ def test_ants_speed_row_registers_fixed_and_moving_in_ants_order_with_the_study_
     np.testing.assert_array_equal(seen["fixed"], fixed[0, 0].numpy())
     np.testing.assert_array_equal(seen["moving"], moving[0, 0].numpy())
     assert seen["threads"] == str(torch.get_num_threads())
+    with pytest.raises(ValueError, match="one single-channel pair per call"):  # batch 2 would time one pair only
+        AntsSyN()(moving.repeat(2, 1, 1, 1, 1), fixed.repeat(2, 1, 1, 1, 1))

@@ -42,7 +42,10 @@ def has_unigradicon() -> bool:
     return True
 
 
-def _numpy_image(x: torch.Tensor):
+def _numpy_image(x: torch.Tensor, tool: str):
+    """The one image of a ``(1, 1, *spatial)`` batch as a float32 array; the tools register one pair per call."""
+    if x.ndim < 4 or x.shape[0] != 1 or x.shape[1] != 1:
+        raise ValueError(f"{tool} takes one single-channel pair per call, (1, 1, *spatial); got {tuple(x.shape)}.")
     return x.detach().float().cpu()[0, 0].numpy()
 
 
@@ -58,7 +61,7 @@ class AntsSyN(torch.nn.Module):
         import ants
 
         os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(torch.get_num_threads()))
-        f_img, m_img = ants.from_numpy(_numpy_image(fixed)), ants.from_numpy(_numpy_image(moving))
+        f_img, m_img = ants.from_numpy(_numpy_image(fixed, "ANTs SyN")), ants.from_numpy(_numpy_image(moving, "ANTs SyN"))
         return ants.registration(f_img, m_img, type_of_transform="SyN")
 
 
@@ -88,7 +91,9 @@ class UniGradICON(torch.nn.Module):
         import itk
         from icon_registration import itk_wrapper
 
-        m_img, f_img = itk.image_from_array(_numpy_image(moving)), itk.image_from_array(_numpy_image(fixed))
+        if moving.ndim != 5:
+            raise ValueError(f"uniGradICON registers 3D images, (1, 1, D, H, W); got {tuple(moving.shape)}.")
+        m_img, f_img = (itk.image_from_array(_numpy_image(x, "uniGradICON")) for x in (moving, fixed))
         # its instance optimisation takes gradients (the study calls under no_grad); register_pair prints losses
         try:
             with torch.set_grad_enabled(self.io_steps is not None), contextlib.redirect_stdout(io.StringIO()):
