@@ -407,3 +407,23 @@ def test_ants_speed_row_registers_fixed_and_moving_in_ants_order_with_the_study_
     assert seen["threads"] == str(torch.get_num_threads())
     with pytest.raises(ValueError, match="one single-channel pair per call"):  # batch 2 would time one pair only
         AntsSyN()(moving.repeat(2, 1, 1, 1, 1), fixed.repeat(2, 1, 1, 1, 1))
+    # the accuracy table's method registers through the same call, then samples the coordinates through its transforms
+    from monai_ipear.benchmark import methods
+
+    applied = []
+
+    class _Image:
+        def __init__(self, a):
+            self.a = a
+
+        def numpy(self):
+            return self.a + 0.5  # a transform that shifts every sample by half a voxel
+
+    ants.apply_transforms = lambda f, m, transforms, interpolator: applied.append(transforms) or _Image(m[1])
+    monkeypatch.setattr(methods, "ants", ants)
+    monkeypatch.setattr(methods, "has_ants", True)
+    method = methods.build_method("ants-syn")
+    assert isinstance(method.network, AntsSyN) and method.timed_once
+    ddf = method.register(moving, fixed)
+    assert ddf.shape == (1, 3, 3, 4, 5) and torch.allclose(ddf, torch.full_like(ddf, 0.5))
+    assert applied == [["warp.nii.gz", "affine.mat"]] * 3  # the transforms of that registration, once per axis

@@ -179,9 +179,11 @@ def build_method(
         if not has_ants:
             return BenchmarkMethod(name, None, note="skipped: antspyx not installed (it pins numpy<2.4 and scipy<1.16)")
 
-        def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:  # pragma: no cover - needs antspyx
-            f_img, m_img = ants.from_numpy(fixed[0, 0].numpy()), ants.from_numpy(moving[0, 0].numpy())
-            reg = ants.registration(f_img, m_img, type_of_transform="SyN")
+        syn = AntsSyN()  # the one SyN call: the speed row times it, the accuracy table adds the field
+
+        def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+            reg = syn(moving, fixed)
+            f_img = ants.from_numpy(fixed[0, 0].float().numpy())
 
             def warp(coord: torch.Tensor):
                 out = ants.apply_transforms(f_img, ants.from_numpy(coord.numpy()), reg["fwdtransforms"], interpolator="linear")
@@ -190,11 +192,11 @@ def build_method(
             return _coordinate_ddf(warp, fixed.shape[2:])
 
         note = "antspyx SyN defaults (an affine stage, then SyN); the accuracy table times it once per pair"
-        return BenchmarkMethod(name, register, network=AntsSyN(), note=note, timed_once=True)
-    if name == "unigradicon" or _IO.fullmatch(name):
+        return BenchmarkMethod(name, register, network=syn, note=note, timed_once=True)
+    io_steps = _IO.fullmatch(name)
+    if name == "unigradicon" or io_steps:
         if not has_unigradicon():
             return BenchmarkMethod(name, None, note=UNIGRADICON_MISSING)
-        io_steps = _IO.fullmatch(name)
         path = weights.get("unigradicon")
         tool = UniGradICON(path if isinstance(path, str) else None, int(io_steps.group(1)) if io_steps else None)
         note = "speed row only" + ("" if path else "; random weights (its published weights are a download): "
