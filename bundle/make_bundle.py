@@ -2,17 +2,21 @@
 
 Usage (from the repository root)::
 
-    python -m bundle.make_bundle build --model models/model.pt --weights-url https://.../model.pt \\
-        --out dist/ipear_registration.zip
+    python -m bundle.make_bundle build --weights-url https://.../model.pt --out dist/ipear_registration.zip \\
+        [--model models/model.pt]
     python -m bundle.make_bundle check dist/ipear_registration.zip [--python 3.10 3.11 3.12] [--no-resolve]
 
 ``build`` packs, under one top folder ``ipear_registration/``: ``configs/`` (JSON configs, ``logging.conf``,
 ``variants/``), ``docs/README.md`` and the documents it links to, ``LICENSE``, ``scripts/`` (``scripts/__init__.py``
 and the ``monai_ipear`` package source in ``scripts/monai_ipear``: the bundle needs no unpublished package) and
-``large_files.yml`` with the SHA-256 of the weights given with ``--model`` and their download address
-``--weights-url``. With a url, the weights themselves are left out (the zoo's layout: ``large_files.yml`` fetches
-them; ``--include-weights`` packs them anyway); without one they are packed, but ``check`` fails on the empty url.
-A real release needs the weights of a real training run.
+``large_files.yml`` with the SHA-256 of the weights and their download address ``--weights-url``. The weights:
+``--model``, a state dict (a training run's ``models/model.pt``) or a file of the package's pretrained format;
+by default the package's own pretrained model (``monai_ipear/pretrained/ipear_ixi_t1_2mm.pt``, trained on IXI T1,
+docs/pretrained.md), so the bundle's ``models/model.pt`` and the ``register`` pipeline run the same network. A
+pretrained-format file is written out as the bundle's state dict (float32, the keys of ``network_def``) to
+``model.pt`` next to the archive: that file is the one to upload to the url. With a url, the weights themselves
+are left out (the zoo's layout: ``large_files.yml`` fetches them; ``--include-weights`` packs them anyway);
+without one they are packed, but ``check`` fails on the empty url.
 
 ``check`` unpacks an archive in a temporary folder and runs the Model Zoo's CI checks (Project-MONAI/model-zoo
 ``ci/``, re-implemented, each naming the zoo script it mirrors; those that need the bundle's code run in a fresh
@@ -131,12 +135,43 @@ def _package_files() -> dict[str, str]:
     return files
 
 
+def _packaged_model() -> str:
+    """The package's pretrained model file (in this repository's source tree)."""
+    return os.path.join(REPO, "monai_ipear", "pretrained", "ipear_ixi_t1_2mm.pt")
+
+
+def _bundle_weights(model: str, out: str) -> str:
+    """``model`` itself when it is a state dict; a pretrained-format file is written to ``out`` as the bundle's
+    state dict (float32; the file is byte-for-byte the same for the same weights). Returns the path to pack."""
+    import torch
+    from monai_ipear.pretrained import is_pretrained_file, load_pretrained
+
+    if not is_pretrained_file(model):
+        return model
+    if os.path.abspath(model) == os.path.abspath(out):
+        raise SystemExit(f"error: the bundle's weights would overwrite their source {model}; choose another --out.")
+    net, meta = load_pretrained(model)
+    if meta.get("placeholder"):
+        raise SystemExit(f"error: {model} is a placeholder with random weights, not a trained model.")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(net.state_dict(), out)
+    print(f"wrote {out}: the weights of {os.path.basename(model)} ({meta.get('training', {}).get('steps')} training "
+          "steps) as the bundle's models/model.pt; upload this file to --weights-url")
+    return out
+
+
 def build(model: str | None = None, out: str = "dist/ipear_registration.zip", weights_url: str = "",
           include_weights: bool | None = None, check: bool = True, python: tuple = PYTHONS,
           resolve: bool = True) -> str:
-    """Assemble the archive ``out`` (see the module docstring); then ``check`` it unless ``check=False``."""
-    if model is None or not os.path.isfile(str(model)):
+    """Assemble the archive ``out`` (see the module docstring); then ``check`` it unless ``check=False``.
+
+    ``model``: a state dict file or a pretrained-format file (default: the package's pretrained model), see the
+    module docstring."""
+    if model is None:
+        model = _packaged_model()
+    if not os.path.isfile(str(model)):
         raise SystemExit(f"error: --model must name the trained weights file (got {model!r}).")
+    model = _bundle_weights(str(model), os.path.join(os.path.dirname(os.path.abspath(str(out))), "model.pt"))
     sha = _sha256(str(model))
     files = {}
     for root, _, names in os.walk(os.path.join(REPO, "configs")):
@@ -430,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bundle.make_bundle", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="assemble the archive (and check it)")
-    b.add_argument("--model", required=True, help="trained weights (state dict)")
+    b.add_argument("--model", default=None,
+                   help="trained weights: a state dict or a pretrained-format file (default: the package's pretrained "
+                        "model, written as model.pt next to --out)")
     b.add_argument("--out", default="dist/ipear_registration.zip")
     b.add_argument("--weights-url", default="", help="download address of the weights for large_files.yml")
     b.add_argument("--include-weights", action="store_true", default=None,

@@ -75,6 +75,48 @@ def test_archive_contents(archive, weights):
     assert f'hash_val: "{sha}"' in yml and f'url: "{weights.as_uri()}"' in yml
 
 
+def test_default_weights_are_the_packaged_model(tmp_path):
+    """Without ``--model`` the archive's weights are the package's pretrained model, written as the bundle's state
+    dict next to the archive (the file to upload): its hash is the one large_files.yml names, it is the same file on
+    every build, and the bundle's network_def loaded from it gives the packaged network's field."""
+    from monai.bundle import ConfigParser
+    from monai_ipear.pretrained import load_pretrained, save_pretrained
+
+    first = build(out=str(tmp_path / "a" / "bundle.zip"), weights_url="https://example.org/model.pt", check=False)
+    second = build(out=str(tmp_path / "b" / "bundle.zip"), weights_url="https://example.org/model.pt", check=False)
+    weights = tmp_path / "a" / "model.pt"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert sha == hashlib.sha256((tmp_path / "b" / "model.pt").read_bytes()).hexdigest()
+    for archive in (first, second):
+        with zipfile.ZipFile(archive) as z:
+            assert f'hash_val: "{sha}"' in z.read(f"{BUNDLE_NAME}/large_files.yml").decode()
+    parser = ConfigParser()
+    parser.read_config(os.path.join(REPO, "configs", "inference.json"))
+    bundle_net = parser.get_parsed_content("network_def").eval()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state.values() if torch.is_floating_point(v))
+    bundle_net.load_state_dict(state)  # strict: every key of network_def
+    packaged, _ = load_pretrained()
+    torch.manual_seed(1)
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        expected = packaged(moving, fixed)
+        got = bundle_net(torch.cat([moving, fixed], dim=1))
+    assert expected.abs().max() > 0 and torch.equal(got, expected)
+    # a state dict given as --model is packed as it is; a placeholder of the pretrained format is refused
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    third = build(model=str(plain), out=str(tmp_path / "c" / "bundle.zip"), weights_url="https://example.org/m.pt",
+                  check=False)
+    assert not (tmp_path / "c" / "model.pt").exists()
+    with zipfile.ZipFile(third) as z:
+        assert hashlib.sha256(plain.read_bytes()).hexdigest() in z.read(f"{BUNDLE_NAME}/large_files.yml").decode()
+    save_pretrained(monai_ipear.iPEAR(spatial_dims=3), str(tmp_path / "placeholder.pt"), {"spatial_dims": 3},
+                    placeholder=True)
+    with pytest.raises(SystemExit, match="placeholder"), pytest.warns(UserWarning, match="placeholder"):
+        build(model=str(tmp_path / "placeholder.pt"), out=str(tmp_path / "d" / "bundle.zip"), check=False)
+
+
 def test_archive_passes_every_zoo_check(archive, capsys):
     failures = check_archive(archive, resolve=False)
     out = capsys.readouterr().out
