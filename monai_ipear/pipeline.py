@@ -54,8 +54,10 @@ from monai.transforms import (
     Spacing,
 )
 
+from .booleans import as_bool
 from .controllers import controller_from_spec
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
+from .runtime import inference_autocast
 
 __all__ = ["RegistrationPipeline", "set_iteration_control", "warp_to_fixed", "save_nifti", "resample_at", "index_grid",
            "PREALIGN_CHOICES"]
@@ -169,6 +171,9 @@ class RegistrationPipeline:
         iterations: the network's iteration control, ``"tci"`` or ``k`` updates at every pyramid level
             (:func:`~monai_ipear.controllers.controller_from_spec`; sets ``network.controller``); default: the
             network's own (TCI for the packaged model).
+        autocast: run the network under ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA:
+            :func:`~monai_ipear.runtime.inference_autocast`); the field is returned in float32. Faster on CPUs with
+            native bfloat16 and on GPUs; its agreement with float32 for the packaged model: docs/pretrained.md.
 
     ``pipeline(fixed, moving, fixed_mask=None, moving_mask=None, moving_label=None)`` takes file paths or
     channel-first MetaTensors and returns a dict: ``ddf`` ``(d, *fixed_shape)``, ``warped_image`` (original
@@ -189,6 +194,7 @@ class RegistrationPipeline:
         device: torch.device | str | None = None,
         prealign_iterations: int | None = None,
         iterations: str | int | None = None,
+        autocast: bool = False,
     ) -> None:
         if prealign not in PREALIGN_CHOICES:
             raise ValueError(f"prealign must be one of {PREALIGN_CHOICES}, got {prealign!r}.")
@@ -197,6 +203,7 @@ class RegistrationPipeline:
         if network is None:
             network, metadata = load_pretrained(model, self.device)
         self.network = network.to(self.device).eval()
+        self.autocast = as_bool(autocast, "autocast")
         if iterations is not None:
             set_iteration_control(self.network, iterations)
         meta = dict(metadata or {})
@@ -335,7 +342,7 @@ class RegistrationPipeline:
         t0 = time.perf_counter()
         fixed_n = torch.as_tensor(self.scale(fixed_w)).float()
         moving_n = torch.as_tensor(self.scale(moving_w)).float()
-        with torch.no_grad():
+        with torch.no_grad(), inference_autocast(self.device, self.autocast):
             u = self.network(moving_n[None].to(self.device), fixed_n[None].to(self.device)).float()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

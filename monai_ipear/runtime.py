@@ -18,13 +18,22 @@ leave the allocator alone, and library users call the function themselves. Set t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import sys
+import warnings
 
-__all__ = ["keep_freed_cpu_memory", "keeps_freed_cpu_memory", "release_freed_cpu_memory", "program_arguments"]
+__all__ = [
+    "keep_freed_cpu_memory",
+    "keeps_freed_cpu_memory",
+    "release_freed_cpu_memory",
+    "program_arguments",
+    "autocast_dtype",
+    "inference_autocast",
+]
 
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_MAX = -4
@@ -94,3 +103,31 @@ def program_arguments(argv: list[str] | None) -> list[str]:
         keep_freed_cpu_memory()
         return list(sys.argv[1:])
     return list(argv)
+
+
+def autocast_dtype(device_type: str):
+    """The reduced precision of this package's ``torch.autocast`` option (``register --autocast``, the bundle's
+    ``autocast``, the benchmark's and the studies' ``--autocast``): float16 on CUDA, bfloat16 elsewhere (CPUs with
+    AVX512-BF16 or AMX run it natively)."""
+    import torch
+
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def inference_autocast(device, enabled: bool = True):
+    """``torch.autocast`` in :func:`autocast_dtype` on ``device`` (a ``torch.device`` or its type) when ``enabled``,
+    else a no-op context. Networks return their field in the reduced precision inside it: callers take ``.float()``.
+
+    On a CPU without native bfloat16 (no AVX512-BF16, no AMX) the reduced precision is emulated and slower than
+    float32: a ``UserWarning`` says so. Agreement with float32 is measured, not bounded here (docs/pretrained.md,
+    docs/benchmarks.md).
+    """
+    import torch
+
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    if not enabled:
+        return contextlib.nullcontext()
+    if device_type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        warnings.warn("autocast on this CPU: bfloat16 has no native support here (no AVX512-BF16 or AMX), so it is "
+                      "emulated and slower than float32.", UserWarning, stacklevel=2)
+    return torch.autocast(device_type, dtype=autocast_dtype(device_type))

@@ -465,3 +465,26 @@ def test_kept_memory_stays_until_released():
     assert out[:2] == ["False", "True"]  # nothing to release before the setting is on
     released, kept, after = out[2] == "True", int(out[3]), int(out[4])
     assert released and kept >= 250 and after <= kept - 200, out
+
+
+def test_inference_autocast_uses_the_package_dtype_and_warns_where_bfloat16_is_emulated(monkeypatch):
+    """One precision setting for every autocast option: bfloat16 on CPU, float16 on CUDA; off is a plain context;
+    on a CPU without AVX512-BF16 or AMX a warning says bfloat16 is emulated (slower)."""
+    import warnings
+
+    from monai_ipear.runtime import autocast_dtype, inference_autocast
+
+    assert autocast_dtype("cuda") == torch.float16 and autocast_dtype("cpu") == torch.bfloat16
+    with inference_autocast(torch.device("cpu"), False):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with inference_autocast("cpu"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        with inference_autocast("cpu"):
+            pass

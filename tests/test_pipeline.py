@@ -386,6 +386,14 @@ def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
                            "--elastix-iterations", "8", "--out", str(out)])
     assert res["pairs"] == ["s2_T1_to_s1_T1"] and "| elastix affine |" in out.read_text()
     assert json.loads((tmp_path / "cmp.json").read_text())["pairs"] == res["pairs"]
+    # register-autocast: the same network under autocast, its agreement with register in a note
+    spy = _PrecisionSpy()
+    both = run_comparison(subjects, ["register", "register-autocast"], pipeline=RegistrationPipeline(network=spy, device="cpu"),
+                          max_pairs=2, log=lambda *_: None)
+    assert spy.seen == [(False, None), (True, torch.bfloat16)] * 2
+    text = format_comparison(both)
+    assert "| `register --autocast` (packaged iPEAR, TCI, bfloat16 autocast, affine pre-alignment) |" in text
+    assert "`--autocast` against float32, pair by pair: largest Dice difference 0.0000 (mean 0.0000)" in text
 
 
 def statistics_mean(values):
@@ -426,6 +434,64 @@ def test_register_iterations_option_sets_the_updates_per_level(tmp_path, capsys)
     assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out-dir", str(tmp_path / "x"),
                  "--iterations", "0"]) == 2
     assert "--iterations: iterations must be 'tci' or a whole number" in capsys.readouterr().err
+
+
+class _PrecisionSpy(torch.nn.Module):
+    """A stand-in network that records whether it ran under autocast, and in which dtype; returns a zero field in
+    the autocast dtype (as a network's convolutions would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, moving, fixed):
+        on = torch.is_autocast_enabled("cpu")
+        self.seen.append((on, torch.get_autocast_dtype("cpu") if on else None))
+        return torch.zeros(moving.shape[0], 3, *moving.shape[2:], dtype=torch.bfloat16 if on else torch.float32)
+
+
+def test_autocast_option_runs_the_network_in_reduced_precision(tmp_path, capsys):
+    """``autocast``: the pipeline's and the evaluator's network calls run under bfloat16 autocast on CPU (fields come
+    back float32); override strings are read as booleans ('false' stays off); ``register --autocast`` and the
+    bundle's ``autocast`` give the same field, which differs from float32 by rounding only."""
+    from types import SimpleNamespace
+
+    from monai_ipear.engines import RegistrationEvalIteration
+
+    pair = make_pair("axial", (2.0, 2.0, 2.0), "axial", (2.0, 2.0, 2.0), np.eye(4), amplitude=1.0, fov=(48.0, 56.0, 48.0))
+    for flag, expected in ((True, (True, torch.bfloat16)), ("false", (False, None)), ("true", (True, torch.bfloat16))):
+        spy = _PrecisionSpy()
+        out = RegistrationPipeline(network=spy, prealign="none", device="cpu", autocast=flag)(pair["fixed"], pair["moving"])
+        assert spy.seen == [expected] and out["working_ddf"].dtype == torch.float32
+        spy = _PrecisionSpy()
+        engine = SimpleNamespace(network=spy, amp=flag, state=SimpleNamespace(device=torch.device("cpu")))
+        batch = {"moving_image": torch.rand(1, 1, 8, 8, 8), "fixed_image": torch.rand(1, 1, 8, 8, 8)}
+        assert RegistrationEvalIteration()(engine, batch)["ddf"].dtype == torch.float32 and spy.seen == [expected]
+    with pytest.raises(ValueError, match="autocast must be a boolean"):
+        RegistrationPipeline(network=_PrecisionSpy(), prealign="none", device="cpu", autocast="maybe")
+
+    files = {k: str(tmp_path / f"{k}.nii.gz") for k in ("fixed", "moving")}
+    for k, path in files.items():
+        nib.save(nib.Nifti1Image(pair[k][0].numpy().astype(np.float32), np.asarray(pair[k].affine)), path)
+    fields = {}
+    for name, extra in (("fp32", []), ("bf16", ["--autocast"])):
+        out = tmp_path / name
+        assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--prealign", "none",
+                     "--out-dir", str(out), "--device", "cpu", "--iterations", "2"] + extra) == 0
+        fields[name] = nib.load(str(out / "moving_to_fixed_ddf.nii.gz")).get_fdata()
+    difference = np.abs(fields["fp32"] - fields["bf16"]).max()
+    assert 1e-6 < difference < 0.5, difference  # reduced precision reached the network; rounding, not a new field
+    from monai.bundle import run
+
+    run(config_file=os.path.join(REPO, "configs", "inference.json"), bundle_root=str(tmp_path), device="cpu",
+        fixed_image=files["fixed"], moving_image=files["moving"], prealign="none", output_dir=str(tmp_path / "bundle"),
+        meta_file=os.path.join(REPO, "configs", "metadata.json"), logging_file=os.path.join(REPO, "configs", "logging.conf"),
+        autocast=True, **{"registration_pipeline#iterations": 2})
+    assert np.allclose(nib.load(str(tmp_path / "bundle" / "moving_to_fixed_ddf.nii.gz")).get_fdata(), fields["bf16"], atol=1e-5)
+    capsys.readouterr()
+    assert main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out-dir", str(tmp_path / "x"),
+                 "--autocast", "maybe"]) == 2
+    assert "--autocast must be a boolean" in capsys.readouterr().err
 
 
 def test_comparison_table_names_the_register_iteration_control():

@@ -23,6 +23,7 @@ from monai.utils import optional_import
 from ..controllers import FixedIterations, IterStop, SinglePass
 from ..networks.nets import RPNet, iPEAR
 from ..preprocessing.elastix import elastix_ddf, elastix_register, has_elastix
+from ..runtime import inference_autocast
 from .external import UNIGRADICON_MISSING, AntsSyN, UniGradICON, has_unigradicon
 
 ants, has_ants = optional_import("ants")
@@ -106,19 +107,12 @@ class BenchmarkMethod:
         return self.register is not None
 
 
-def autocast_dtype(device_type: str) -> torch.dtype:
-    """The reduced precision the benchmark and the studies use under ``torch.autocast``: float16 on CUDA, bfloat16
-    elsewhere (CPUs with AVX512-BF16 or AMX run it natively)."""
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
-
-
 def _net_method(name: str, net: torch.nn.Module, note: str, autocast: bool = False) -> BenchmarkMethod:
-    """A learned method; ``autocast``: its forward under ``torch.autocast`` (:func:`autocast_dtype`), field in float32."""
+    """A learned method; ``autocast``: its forward under ``torch.autocast`` (:func:`~monai_ipear.runtime.autocast_dtype`), field in float32."""
     net = net.eval()
 
     def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        kind = moving.device.type
-        with torch.no_grad(), torch.autocast(kind, dtype=autocast_dtype(kind), enabled=autocast):
+        with torch.no_grad(), inference_autocast(moving.device, autocast):
             return net(moving, fixed).float()
 
     return BenchmarkMethod(name, register, sum(p.numel() for p in net.parameters()), net, note)

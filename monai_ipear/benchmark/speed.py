@@ -17,8 +17,8 @@ import torch
 from monai.transforms import Resize
 
 from ..controllers import FixedIterations
+from ..runtime import autocast_dtype, inference_autocast
 from .memory import peak_memory_in_fresh_process
-from .methods import autocast_dtype
 
 __all__ = ["speed_study", "fixed_at_counts"]
 
@@ -50,7 +50,7 @@ class _Call:
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor):
         self.net.to(a.device)
-        with torch.no_grad(), torch.autocast(self.device_type, dtype=self.dtype, enabled=self.amp):
+        with torch.no_grad(), inference_autocast(self.device_type, self.amp):
             return self.run(a, b)
 
     def run(self, a, b):

@@ -13,6 +13,9 @@ Methods, each from the RAW files (any storage order; full head + mask):
 - ``register``: :class:`~monai_ipear.pipeline.RegistrationPipeline` with the packaged model (or ``--model``),
   exactly what ``python -m monai_ipear register --fixed-mask --moving-mask`` runs, pre-alignment included;
   time = the whole call (reading arrays, pre-alignment, network, composition, warping image and labels).
+- ``register-autocast``: the same with ``register --autocast`` (the network under bfloat16 autocast on CPU); the
+  report adds its agreement with ``register``: the largest per-pair Dice difference and the pairs with the same
+  updates per level.
 - ``elastix-affine`` / ``elastix-bspline``: elastix default maps (Mattes MI; B-spline after the affine stage),
   ``--elastix-iterations`` x 3 resolutions, on the masked images reoriented to RAS (as the training
   preprocessing); time = registration + resampling the labels.
@@ -46,9 +49,10 @@ from ..controllers import FixedIterations, controller_from_spec
 from ..metrics import folding_percentage, label_overlap_metrics
 from ..pipeline import RegistrationPipeline, save_nifti, set_iteration_control
 
-__all__ = ["run_comparison", "format_comparison", "comparison_main", "METHODS"]
+__all__ = ["run_comparison", "format_comparison", "comparison_main", "METHODS", "CHOICES"]
 
-METHODS = ("register", "elastix-affine", "elastix-bspline", "ants-syn")
+METHODS = ("register", "elastix-affine", "elastix-bspline", "ants-syn")  # the default rows
+CHOICES = METHODS + ("register-autocast",)
 # the register row is named by _register_display (model file and iteration control)
 DISPLAY = {"elastix-affine": "elastix affine", "elastix-bspline": "elastix affine + B-spline", "ants-syn": "ANTs SyN"}
 _RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
@@ -137,10 +141,17 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
         notes.append(f"ANTs SyN: {text}")
         if not ok:
             methods.remove("ants-syn")
-    if "register" in methods and pipeline is None:
+    if any(m.startswith("register") for m in methods) and pipeline is None:
         pipeline = RegistrationPipeline(model=model, device="cpu")
     if pipeline is not None and iterations is not None:
         set_iteration_control(pipeline.network, iterations)
+    pipelines = {}
+    if "register" in methods:
+        pipelines["register"] = pipeline
+    if "register-autocast" in methods:  # the same network (weights, iteration control) under autocast
+        pipelines["register-autocast"] = RegistrationPipeline(network=pipeline.network, metadata=pipeline.metadata,
+                                                              prealign=pipeline.prealign, device=pipeline.device,
+                                                              autocast=True)
     if pipeline is not None and pipeline.metadata.get("placeholder"):
         notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
     loaded = []
@@ -161,9 +172,9 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
         mov, fix = loaded[i], loaded[j]
         name = f"{mov['name']}_to_{fix['name']}"
         for m in methods:
-            if m == "register":
+            if m in pipelines:
                 start = time.perf_counter()
-                out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
+                out = pipelines[m](fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
                 elapsed = time.perf_counter() - start
                 r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
                 r["iterations"] = out["iterations"]
@@ -188,21 +199,35 @@ def _ms(values, fmt):
     return fmt.format(statistics.mean(v)) + (f" ({fmt.format(statistics.stdev(v))})" if len(v) > 1 else "")
 
 
-def _register_display(iterations: str | None, model: str | None = None) -> str:
-    """The ``register`` row's name under ``register --iterations`` (``None``: the network's own control, TCI) and
-    ``--model`` (``None``: the packaged model)."""
+def _register_display(iterations: str | None, model: str | None = None, autocast: bool = False) -> str:
+    """The ``register`` row's name under ``register --iterations`` (``None``: the network's own control, TCI),
+    ``--model`` (``None``: the packaged model) and ``--autocast``."""
     controller = None if iterations is None else controller_from_spec(iterations)
     name = "packaged iPEAR" if model is None else f"iPEAR `{model}`"
     command, control = "`register`", "TCI"
     if isinstance(controller, FixedIterations):
         k = controller.k_max
         command, control = f"`register --iterations {k}`", f"{k} update{'s' if k > 1 else ''} per level"
+    if autocast:
+        command, control = command[:-1] + " --autocast`", control + ", bfloat16 autocast"
     return f"{command} ({name}, {control}, affine pre-alignment)"
+
+
+def _autocast_agreement(rows: dict) -> str | None:
+    """A note comparing ``register-autocast`` with ``register`` pair by pair (same pair order)."""
+    full, half = rows.get("register"), rows.get("register-autocast")
+    if not full or not half:
+        return None
+    diffs = [abs(a["dice"] - b["dice"]) for a, b in zip(full, half)]
+    same = sum(a.get("iterations") == b.get("iterations") for a, b in zip(full, half))
+    return (f"`--autocast` against float32, pair by pair: largest Dice difference {max(diffs):.4f} (mean "
+            f"{statistics.mean(diffs):.4f}); the same updates per level on {same} of {len(diffs)} pairs")
 
 
 def format_comparison(result: dict, command: str = "", machine: str = "") -> str:
     rows = result["rows"]
-    display = {**DISPLAY, "register": _register_display(result.get("register_iterations"), result.get("register_model"))}
+    display = {**DISPLAY, "register": _register_display(result.get("register_iterations"), result.get("register_model")),
+               "register-autocast": _register_display(result.get("register_iterations"), result.get("register_model"), True)}
     ref = rows.get("register")
     ref_t = statistics.mean(r["time_s"] for r in ref) if ref else None
     ref_d = statistics.mean(r["dice"] for r in ref) if ref else None
@@ -223,8 +248,9 @@ def format_comparison(result: dict, command: str = "", machine: str = "") -> str
     if ref and ref[0].get("iterations"):
         its = [statistics.mean(c) for c in zip(*[r["iterations"] for r in ref])]
         lines += ["", "`register` updates per level (level 1 .. 4, mean): " + " / ".join(f"{v:.2f}" for v in its)]
-    if result["notes"]:
-        lines += [""] + [f"- {n}" for n in result["notes"]]
+    notes = list(result["notes"]) + [n for n in [_autocast_agreement(rows)] if n]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     if command:
         lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
@@ -239,7 +265,7 @@ def comparison_main(argv=None) -> dict:
     p.add_argument("--images", nargs="*")
     p.add_argument("--labels", nargs="*")
     p.add_argument("--masks", nargs="*", help="brain masks (default: label > 0)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=CHOICES)
     p.add_argument("--model", default=None, help="pretrained-format file (default: the packaged model)")
     p.add_argument("--elastix-iterations", type=int, default=256)
     p.add_argument("--ants-python", default=None, help="python of a venv with antspyx")
