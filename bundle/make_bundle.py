@@ -135,22 +135,18 @@ def _package_files() -> dict[str, str]:
     return files
 
 
-def _packaged_model() -> str:
-    """The package's pretrained model file (in this repository's source tree)."""
-    return os.path.join(REPO, "monai_ipear", "pretrained", "ipear_ixi_t1_2mm.pt")
-
-
 def _bundle_weights(model: str, out: str) -> str:
     """``model`` itself when it is a state dict; a pretrained-format file is written to ``out`` as the bundle's
     state dict (float32; the file is byte-for-byte the same for the same weights). Returns the path to pack."""
     import torch
-    from monai_ipear.pretrained import is_pretrained_file, load_pretrained
+    from monai_ipear.pretrained import PretrainedModelError, load_pretrained
 
-    if not is_pretrained_file(model):
+    try:
+        net, meta = load_pretrained(model)
+    except PretrainedModelError:  # not the pretrained format: a state dict, packed as it is
         return model
     if os.path.abspath(model) == os.path.abspath(out):
         raise SystemExit(f"error: the bundle's weights would overwrite their source {model}; choose another --out.")
-    net, meta = load_pretrained(model)
     if meta.get("placeholder"):
         raise SystemExit(f"error: {model} is a placeholder with random weights, not a trained model.")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -168,7 +164,9 @@ def build(model: str | None = None, out: str = "dist/ipear_registration.zip", we
     ``model``: a state dict file or a pretrained-format file (default: the package's pretrained model), see the
     module docstring."""
     if model is None:
-        model = _packaged_model()
+        from monai_ipear.pretrained import DEFAULT_MODEL_PATH
+
+        model = DEFAULT_MODEL_PATH
     if not os.path.isfile(str(model)):
         raise SystemExit(f"error: --model must name the trained weights file (got {model!r}).")
     model = _bundle_weights(str(model), os.path.join(os.path.dirname(os.path.abspath(str(out))), "model.pt"))

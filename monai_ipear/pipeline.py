@@ -57,7 +57,7 @@ from monai.transforms import (
 from .booleans import as_bool
 from .controllers import controller_from_spec
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
-from .runtime import inference_autocast
+from .runtime import reduced_precision
 
 __all__ = ["RegistrationPipeline", "set_iteration_control", "warp_to_fixed", "save_nifti", "resample_at", "index_grid",
            "PREALIGN_CHOICES"]
@@ -172,7 +172,7 @@ class RegistrationPipeline:
             (:func:`~monai_ipear.controllers.controller_from_spec`; sets ``network.controller``); default: the
             network's own (TCI for the packaged model).
         autocast: run the network under ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA:
-            :func:`~monai_ipear.runtime.inference_autocast`); the field is returned in float32. Faster on CPUs with
+            :func:`~monai_ipear.runtime.reduced_precision`); the field is returned in float32. Faster on CPUs with
             native bfloat16 and on GPUs; its agreement with float32 for the packaged model: docs/pretrained.md.
 
     ``pipeline(fixed, moving, fixed_mask=None, moving_mask=None, moving_label=None)`` takes file paths or
@@ -342,7 +342,7 @@ class RegistrationPipeline:
         t0 = time.perf_counter()
         fixed_n = torch.as_tensor(self.scale(fixed_w)).float()
         moving_n = torch.as_tensor(self.scale(moving_w)).float()
-        with torch.no_grad(), inference_autocast(self.device, self.autocast):
+        with torch.no_grad(), reduced_precision(self.device, self.autocast):
             u = self.network(moving_n[None].to(self.device), fixed_n[None].to(self.device)).float()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

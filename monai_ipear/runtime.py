@@ -32,7 +32,7 @@ __all__ = [
     "release_freed_cpu_memory",
     "program_arguments",
     "autocast_dtype",
-    "inference_autocast",
+    "reduced_precision",
 ]
 
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
@@ -114,9 +114,10 @@ def autocast_dtype(device_type: str):
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
-def inference_autocast(device, enabled: bool = True):
-    """``torch.autocast`` in :func:`autocast_dtype` on ``device`` (a ``torch.device`` or its type) when ``enabled``,
-    else a no-op context. Networks return their field in the reduced precision inside it: callers take ``.float()``.
+def reduced_precision(device, enabled: bool = True):
+    """The package's ``torch.autocast``: :func:`autocast_dtype` on ``device`` (a ``torch.device`` or its type) when
+    ``enabled``, else a no-op context; for inference and the benchmark's training step alike. Networks return their
+    field in the reduced precision inside it: callers take ``.float()``.
 
     On a CPU without native bfloat16 (no AVX512-BF16, no AMX) the reduced precision is emulated and slower than
     float32: a ``UserWarning`` says so. Agreement with float32 is measured, not bounded here (docs/pretrained.md,
@@ -124,9 +125,9 @@ def inference_autocast(device, enabled: bool = True):
     """
     import torch
 
-    device_type = getattr(device, "type", str(device).split(":")[0])
     if not enabled:
         return contextlib.nullcontext()
+    device_type = getattr(device, "type", str(device).split(":")[0])
     if device_type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         warnings.warn("autocast on this CPU: bfloat16 has no native support here (no AVX512-BF16 or AMX), so it is "
                       "emulated and slower than float32.", UserWarning, stacklevel=2)

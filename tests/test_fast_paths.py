@@ -467,24 +467,42 @@ def test_kept_memory_stays_until_released():
     assert released and kept >= 250 and after <= kept - 200, out
 
 
-def test_inference_autocast_uses_the_package_dtype_and_warns_where_bfloat16_is_emulated(monkeypatch):
+def test_reduced_precision_uses_the_package_dtype_and_warns_where_bfloat16_is_emulated(monkeypatch):
     """One precision setting for every autocast option: bfloat16 on CPU, float16 on CUDA; off is a plain context;
     on a CPU without AVX512-BF16 or AMX a warning says bfloat16 is emulated (slower)."""
     import warnings
 
-    from monai_ipear.runtime import autocast_dtype, inference_autocast
+    from monai_ipear.runtime import autocast_dtype, reduced_precision
 
     assert autocast_dtype("cuda") == torch.float16 and autocast_dtype("cpu") == torch.bfloat16
-    with inference_autocast(torch.device("cpu"), False):
+    with reduced_precision(torch.device("cpu"), False):
         assert not torch.is_autocast_enabled("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with inference_autocast("cpu"):
+        with reduced_precision("cpu"):
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     with pytest.warns(UserWarning, match="emulated"):
-        with inference_autocast("cpu"):
+        with reduced_precision("cpu"):
             pass
+
+
+def test_benchmark_calls_use_the_package_reduced_precision():
+    """The benchmark's timed inference call runs its network under the same reduced precision as ``register
+    --autocast`` (bfloat16 on CPU) when asked, and in float32 otherwise."""
+    from monai_ipear.benchmark.speed import _Call
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, a, b):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return a
+
+    a = torch.rand(1, 1, 4, 4, 4)
+    _Call(Spy(), True, "cpu")(a, a)
+    _Call(Spy(), False, "cpu")(a, a)
+    assert seen == [torch.bfloat16, None]

@@ -388,9 +388,9 @@ def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
     assert json.loads((tmp_path / "cmp.json").read_text())["pairs"] == res["pairs"]
     # register-autocast: the same network under autocast, its agreement with register in a note
     spy = _PrecisionSpy()
-    both = run_comparison(subjects, ["register", "register-autocast"], pipeline=RegistrationPipeline(network=spy, device="cpu"),
-                          max_pairs=2, log=lambda *_: None)
-    assert spy.seen == [(False, None), (True, torch.bfloat16)] * 2
+    pipe = RegistrationPipeline(network=spy, device="cpu")
+    both = run_comparison(subjects, ["register", "register-autocast"], pipeline=pipe, max_pairs=2, log=lambda *_: None)
+    assert spy.seen == [(False, None), (True, torch.bfloat16)] * 2 and pipe.autocast is False
     text = format_comparison(both)
     assert "| `register --autocast` (packaged iPEAR, TCI, bfloat16 autocast, affine pre-alignment) |" in text
     assert "`--autocast` against float32, pair by pair: largest Dice difference 0.0000 (mean 0.0000)" in text

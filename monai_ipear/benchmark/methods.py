@@ -23,7 +23,7 @@ from monai.utils import optional_import
 from ..controllers import FixedIterations, IterStop, SinglePass
 from ..networks.nets import RPNet, iPEAR
 from ..preprocessing.elastix import elastix_ddf, elastix_register, has_elastix
-from ..runtime import inference_autocast
+from ..runtime import reduced_precision
 from .external import UNIGRADICON_MISSING, AntsSyN, UniGradICON, has_unigradicon
 
 ants, has_ants = optional_import("ants")
@@ -108,11 +108,12 @@ class BenchmarkMethod:
 
 
 def _net_method(name: str, net: torch.nn.Module, note: str, autocast: bool = False) -> BenchmarkMethod:
-    """A learned method; ``autocast``: its forward under ``torch.autocast`` (:func:`~monai_ipear.runtime.autocast_dtype`), field in float32."""
+    """A learned method; ``autocast``: its forward under :func:`~monai_ipear.runtime.reduced_precision`, field in
+    float32."""
     net = net.eval()
 
     def register(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), inference_autocast(moving.device, autocast):
+        with torch.no_grad(), reduced_precision(moving.device, autocast):
             return net(moving, fixed).float()
 
     return BenchmarkMethod(name, register, sum(p.numel() for p in net.parameters()), net, note)

@@ -17,7 +17,7 @@ import torch
 from monai.transforms import Resize
 
 from ..controllers import FixedIterations
-from ..runtime import autocast_dtype, inference_autocast
+from ..runtime import reduced_precision
 from .memory import peak_memory_in_fresh_process
 
 __all__ = ["speed_study", "fixed_at_counts"]
@@ -44,13 +44,9 @@ class _Call:
     def __init__(self, net: torch.nn.Module, amp: bool, device: torch.device) -> None:
         self.net, self.amp, self.device_type = net, amp, torch.device(device).type
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return autocast_dtype(self.device_type)
-
     def __call__(self, a: torch.Tensor, b: torch.Tensor):
         self.net.to(a.device)
-        with torch.no_grad(), inference_autocast(self.device_type, self.amp):
+        with torch.no_grad(), reduced_precision(self.device_type, self.amp):
             return self.run(a, b)
 
     def run(self, a, b):
@@ -72,7 +68,7 @@ class _TrainCall(_Call):
         loss_fn = RegistrationLoss(spatial_dims=net.spatial_dims)
         try:
             net.zero_grad(set_to_none=True)
-            with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.amp):
+            with reduced_precision(self.device_type, self.amp):
                 ddf = net(a, b)
                 loss = loss_fn(net.fields.warp(a, ddf), b, ddf)
             loss.backward()

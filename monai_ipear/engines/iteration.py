@@ -17,7 +17,7 @@ from monai.utils import CommonKeys as Keys
 
 from ..booleans import as_bool
 from ..networks.blocks.fields import FieldComposer
-from ..runtime import inference_autocast
+from ..runtime import reduced_precision
 from .outputs import check_finite
 
 __all__ = ["RegistrationTrainIteration", "RegistrationEvalIteration"]
@@ -102,8 +102,8 @@ class RegistrationEvalIteration(_PairIteration):
     The engine's output is a dict of batched tensors: ``moving_image``, ``fixed_image``, ``ddf`` (voxels),
     ``warped_image``, ``iterations`` (``(B, levels)`` from ``network.last_iterations`` when present),
     ``time`` (seconds of the network call per pair; the call runs under
-    :func:`~monai_ipear.runtime.inference_autocast` when the engine's ``amp`` is set), with a moving label map ``moving_label`` and ``warped_label``
-    (nearest-neighbour warp), and with a fixed label map too ``fixed_label``. ``pred`` / ``label`` are the warped and fixed
+    :func:`~monai_ipear.runtime.reduced_precision` when the engine's ``amp`` is set), with a moving label map
+    ``moving_label`` and ``warped_label`` (nearest-neighbour warp), and with a fixed label map too ``fixed_label``. ``pred`` / ``label`` are the warped and fixed
     label maps (the images when there are no labels), so MONAI metric handlers such as ``MeanDice`` work with
     ``from_engine(["pred", "label"])``. The input batch (with its metadata) stays on ``engine.state.batch``.
     """
@@ -116,7 +116,7 @@ class RegistrationEvalIteration(_PairIteration):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with inference_autocast(device, as_bool(getattr(engine, "amp", False), "amp")):  # may be an override string
+            with reduced_precision(device, as_bool(getattr(engine, "amp", False), "amp")):  # may be an override string
                 ddf = engine.network(moving, fixed).float()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -145,13 +145,6 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
         pipeline = RegistrationPipeline(model=model, device="cpu")
     if pipeline is not None and iterations is not None:
         set_iteration_control(pipeline.network, iterations)
-    pipelines = {}
-    if "register" in methods:
-        pipelines["register"] = pipeline
-    if "register-autocast" in methods:  # the same network (weights, iteration control) under autocast
-        pipelines["register-autocast"] = RegistrationPipeline(network=pipeline.network, metadata=pipeline.metadata,
-                                                              prealign=pipeline.prealign, device=pipeline.device,
-                                                              autocast=True)
     if pipeline is not None and pipeline.metadata.get("placeholder"):
         notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
     loaded = []
@@ -168,13 +161,15 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
 
         f = loaded[pairs[0][1]]
         elastix_register(_RAS(f["image"])[0], _RAS(f["image"])[0], _spacing(f["image"]), "affine", 1, 1)
+    own_autocast = getattr(pipeline, "autocast", False)  # each register row sets it; the caller's comes back after
     for i, j in pairs:
         mov, fix = loaded[i], loaded[j]
         name = f"{mov['name']}_to_{fix['name']}"
         for m in methods:
-            if m in pipelines:
+            if m in ("register", "register-autocast"):  # one pipeline: the same network and settings, either precision
+                pipeline.autocast = m == "register-autocast"
                 start = time.perf_counter()
-                out = pipelines[m](fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
+                out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
                 elapsed = time.perf_counter() - start
                 r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
                 r["iterations"] = out["iterations"]
@@ -187,6 +182,8 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
             rows[m].append(r)
             log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
                 f"{r['time_s']:.2f} s")
+    if pipeline is not None:
+        pipeline.autocast = own_autocast
     return {"rows": rows, "notes": notes, "pairs": [f"{loaded[i]['name']}_to_{loaded[j]['name']}" for i, j in pairs],
             "register_iterations": None if iterations is None else str(iterations),
             "register_model": None if pipeline is None or model is None else os.path.basename(str(model))}
@@ -204,13 +201,13 @@ def _register_display(iterations: str | None, model: str | None = None, autocast
     ``--model`` (``None``: the packaged model) and ``--autocast``."""
     controller = None if iterations is None else controller_from_spec(iterations)
     name = "packaged iPEAR" if model is None else f"iPEAR `{model}`"
-    command, control = "`register`", "TCI"
+    command, control = ["register"], ["TCI"]
     if isinstance(controller, FixedIterations):
         k = controller.k_max
-        command, control = f"`register --iterations {k}`", f"{k} update{'s' if k > 1 else ''} per level"
+        command, control = [*command, f"--iterations {k}"], [f"{k} update{'s' if k > 1 else ''} per level"]
     if autocast:
-        command, control = command[:-1] + " --autocast`", control + ", bfloat16 autocast"
-    return f"{command} ({name}, {control}, affine pre-alignment)"
+        command, control = [*command, "--autocast"], [*control, "bfloat16 autocast"]
+    return f"`{' '.join(command)}` ({name}, {', '.join(control)}, affine pre-alignment)"
 
 
 def _autocast_agreement(rows: dict) -> str | None:
