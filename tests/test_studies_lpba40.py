@@ -115,3 +115,28 @@ def test_autocast_twins_run_the_same_networks_under_autocast(tmp_path):
     assert methods[6].network is methods[2].network  # same weights, same controller
     assert plain.dtype == reduced.dtype == torch.float32 and not torch.equal(plain, reduced)
     assert (plain - reduced).abs().max() < 1.0  # voxels: an untrained network's small field
+
+
+def test_plot_joins_runs_of_one_name_at_their_first_steps(tmp_path):
+    """``plot``'s curves: validation rounds (TensorBoard steps = rounds) times ``every``, shifted by the run's
+    ``@first_step``; two runs under one name become one curve in step order; bad specs are refused."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from monai_ipear.studies.lpba40 import parse_run, validation_curves
+
+    for run, values in (("a", [0.5, 0.6]), ("b", [0.7, 0.8, 0.9])):
+        w = SummaryWriter(log_dir=str(tmp_path / run / "runs"))
+        for epoch, v in enumerate(values, start=1):
+            w.add_scalar("val_mean_dice", v, epoch)
+            w.add_scalar("train_loss", -v, epoch)  # another tag, not read
+        w.close()
+    curves = validation_curves([f"net={tmp_path / 'a'}", f"net={tmp_path / 'b'}@200", f"other={tmp_path / 'a'}@1000"], every=100)
+    assert [s for s, _ in curves["net"]] == [100, 200, 300, 400, 500]
+    np.testing.assert_allclose([v for _, v in curves["net"]], [0.5, 0.6, 0.7, 0.8, 0.9], rtol=1e-6)
+    assert [s for s, _ in curves["other"]] == [1100, 1200]
+    assert parse_run("x=/runs/a@b@300") == ("x", "/runs/a@b", 300)
+    for bad in ("no_equals", "=folder", "x=folder@", "x=folder@-3"):
+        with pytest.raises(ValueError, match="NAME=bundle_root"):
+            parse_run(bad)
+    with pytest.raises(FileNotFoundError, match="no training run"):
+        validation_curves([f"x={tmp_path / 'missing'}"], every=100)

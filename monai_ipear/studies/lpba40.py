@@ -197,6 +197,29 @@ def read_validation_curve(run_dir: str, every: int, tag: str = "val_mean_dice") 
     return sorted(points.items())
 
 
+def parse_run(spec: str) -> tuple[str, str, int]:
+    """``NAME=bundle_root[@first_step]`` of the ``plot`` command -> ``(name, bundle_root, first_step)``.
+
+    ``first_step``: the optimiser steps the run's weights had when its trainer started counting from zero (a run
+    started from other weights without their trainer state, e.g. a fine-tune); 0 by default."""
+    name, sep, rest = spec.partition("=")
+    folder, at, first = rest.rpartition("@") if "@" in rest else (rest, "", "0")
+    if not sep or not name or not folder or not first.isdigit():
+        raise ValueError(f"expected NAME=bundle_root or NAME=bundle_root@first_step, got {spec!r}")
+    return name, folder, int(first)
+
+
+def validation_curves(runs: list[str], every: int) -> dict[str, list[tuple[int, float]]]:
+    """The ``plot`` command's curves: one per name, the runs given under the same name joined in step order."""
+    curves: dict[str, dict[int, float]] = {}
+    for spec in runs:
+        name, folder, first = parse_run(spec)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{name}: no training run at {folder!r}")
+        curves.setdefault(name, {}).update({first + s: v for s, v in read_validation_curve(folder, every)})
+    return {name: sorted(pts.items()) for name, pts in curves.items()}
+
+
 def lpba40_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m monai_ipear.studies.lpba40", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
@@ -214,7 +237,9 @@ def lpba40_main(argv=None) -> None:
     ev.add_argument("--autocast", action="store_true",
                     help="also run every network under torch.autocast (bfloat16 on CPU): the agreement with float32")
     pl = sub.add_parser("plot", help="validation Dice against training steps")
-    pl.add_argument("--run", action="append", required=True, help="NAME=bundle_root of a training run")
+    pl.add_argument("--run", action="append", required=True,
+                    help="NAME=bundle_root[@first_step] of a training run (first_step: the steps its starting weights "
+                    "had when its trainer began counting from zero; runs given under one NAME form one curve)")
     pl.add_argument("--every", type=int, required=True, help="val_every_iterations of the runs")
     pl.add_argument("--out", required=True, help="PNG path (a JSON of the points is written beside it)")
     a = p.parse_args(argv)
@@ -231,10 +256,10 @@ def lpba40_main(argv=None) -> None:
     elif a.command == "plot":
         from ..benchmark.plots import _figure, plt
 
-        curves = {}
-        for item in a.run:
-            name, _, folder = item.partition("=")
-            curves[name] = read_validation_curve(folder, a.every)
+        try:
+            curves = validation_curves(a.run, a.every)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
         fig = _figure()(figsize=(6, 4))
         ax = fig.add_subplot(111)
         for name, pts in curves.items():
