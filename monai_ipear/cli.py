@@ -85,8 +85,18 @@ def _load(path: str, what: str, dtype="float32"):
         raise RegistrationCLIError(f"cannot read {what} file {path}: {type(e).__name__}") from e
 
 
-def _check_readable(path: str, what: str) -> tuple:
-    return tuple(_load(path, what).shape[1:])
+def _check_readable(path: str, what: str, prealign: bool = False) -> tuple:
+    """The spatial shape of a readable file; an image the affine pre-alignment will read must also pass
+    :func:`~monai_ipear.data.transforms.check_image_content` (no NaN/Inf, not constant)."""
+    x = _load(path, what)
+    if prealign:
+        from monai_ipear.data.transforms import check_image_content
+
+        try:
+            check_image_content(x, f"the {what} image {path}")
+        except (ValueError, FloatingPointError) as e:
+            raise RegistrationCLIError(str(e)) from e
+    return tuple(x.shape[1:])
 
 
 def _refuse_overwrite(out, *inputs) -> None:
@@ -274,8 +284,8 @@ def register(fixed=None, moving=None, out_dir=None, moving_label=None, model=Non
     name = pair_name(moving, fixed)
     steps = _progress(5 if prealign == "affine" else 4, f"register {name}")
 
-    fixed_shape = _check_readable(fixed, "fixed")
-    moving_shape = _check_readable(moving, "moving")
+    fixed_shape = _check_readable(fixed, "fixed", prealign == "affine")
+    moving_shape = _check_readable(moving, "moving", prealign == "affine")
     if moving_label is not None:
         label_shape = _check_readable(moving_label, "moving-label")
         if label_shape != moving_shape:

@@ -56,6 +56,7 @@ from monai.transforms import (
 
 from .booleans import as_bool
 from .controllers import controller_from_spec
+from .data.transforms import check_image_content
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
 from .runtime import reduced_precision
 
@@ -314,9 +315,15 @@ class RegistrationPipeline:
         times: dict[str, float] = {}
         f = self.load(fixed, "fixed")
         m = self.load(moving, "moving")
-        sd = self._sd(f)
-        if self._sd(m) != sd:
-            raise ValueError(f"fixed ({sd}D) and moving ({self._sd(m)}D) differ in dimension.")
+        sd = int(getattr(self.network, "spatial_dims", len(self.spacing)))
+        for x, what in ((f, "fixed"), (m, "moving")):
+            if self._sd(x) != sd:  # e.g. a 4D series read as four spatial axes, or a 2D slice for a 3D model
+                hint = ": give one volume of the series" if self._sd(x) > sd else ""
+                raise ValueError(f"the {what} image is {self._sd(x)}D (shape {tuple(x.shape[1:])}) and the model "
+                                 f"registers {sd}D images{hint}.")
+            if x.shape[0] != 1:  # a 4D series (x, y, z, t) is read with its volumes as channels
+                raise ValueError(f"the {what} image holds {x.shape[0]} volumes or channels (shape "
+                                 f"{tuple(x.shape[1:])} x {x.shape[0]}): give one {sd}D volume.")
         fm = self.load(fixed_mask, "fixed mask") if fixed_mask is not None else None
         mm = self.load(moving_mask, "moving mask") if moving_mask is not None else None
         ml = self.load(moving_label, "moving label") if moving_label is not None else None
@@ -324,8 +331,13 @@ class RegistrationPipeline:
             if b is not None:
                 self._check_same_grid(a, b, what)
         a_f, a_m = _affine(f), _affine(m)
+        for image, what in ((f, "fixed"), (m, "moving")):
+            check_image_content(image, f"the {what} image")
         f_masked = f * (fm > 0) if fm is not None else f
         m_masked = m * (mm > 0) if mm is not None else m
+        for masked, mask, what in ((f_masked, fm, "fixed"), (m_masked, mm, "moving")):
+            if mask is not None:  # an empty mask, or one around a constant region only
+                check_image_content(masked, f"the {what} image inside its mask")
         times["load"] = time.perf_counter() - start
 
         t0 = time.perf_counter()

@@ -215,6 +215,49 @@ def test_all_zero_images_register_to_finite_outputs(data, tmp_path):
     assert np.abs(nib.load(str(tmp_path / "out" / "zero_to_zero_warped.nii.gz")).get_fdata()).max() == 0.0
 
 
+def test_constant_or_nan_images_are_refused_before_the_affine_prealignment(data, tmp_path, capsys):
+    """The pre-aligning paths (the packaged model's pipeline, ``register --prealign affine`` with bundle weights)
+    refuse a constant image, a NaN voxel and an empty mask with one line naming the image, before elastix runs
+    (which failed with an "internal elastix error" there) and before anything is written; the pipeline also
+    names a 4D series and an image of the wrong dimension (before: MONAI's orientation errors)."""
+    from monai_ipear.pipeline import RegistrationPipeline
+
+    root, files = data
+    good = nib.load(files["moving"]).get_fdata().astype(np.float32)
+    zero = _save(np.zeros_like(good), tmp_path / "zero.nii.gz")
+    grey = _save(np.full_like(good, 7.0), tmp_path / "grey.nii.gz")
+    nan = good.copy()
+    nan[3, 4, 5] = np.nan
+    nan = _save(nan, tmp_path / "nan.nii.gz")
+    cases = [(files["fixed"], zero, [], "moving image", "constant (every voxel 0)"),
+             (grey, files["moving"], [], "fixed image", "constant (every voxel 7)"),
+             (files["fixed"], nan, [], "moving image", "non-finite values (NaN/Inf in 0.0244 %")]
+    for fixed, moving, extra, who, what in cases:
+        capsys.readouterr()
+        out = tmp_path / f"out_{os.path.basename(moving)}_{os.path.basename(fixed)}"
+        assert _register(files, fixed, moving, out, "--prealign", "affine") == 2
+        err = _one_error(capsys)
+        assert who in err and what in err, err
+        assert not out.exists()  # nothing written
+    # the packaged pipeline (as `register` without --model runs it): the same check, and an empty mask
+    pipe = RegistrationPipeline(device="cpu")
+    load = RegistrationPipeline.load
+    empty = _save(np.zeros_like(good, dtype=np.uint8), tmp_path / "empty_mask.nii.gz")
+    series = _save(np.stack([good, good], -1), tmp_path / "series.nii.gz")  # (x, y, z, t): volumes as channels
+    flat = _save(good[:, :, 5], tmp_path / "slice.nii.gz")
+    for kwargs, error, text in [
+        ({"fixed": files["fixed"], "moving": series}, ValueError, r"the moving image holds 2 volumes or channels"),
+        ({"fixed": flat, "moving": files["moving"]}, ValueError, r"the fixed image is 2D .* registers 3D images\."),
+        ({"fixed": files["fixed"], "moving": zero}, ValueError, "the moving image is constant"),
+        ({"fixed": nan, "moving": files["moving"]}, FloatingPointError, "the fixed image holds non-finite"),
+        ({"fixed": files["fixed"], "moving": files["moving"], "moving_mask": empty}, ValueError,
+         "the moving image inside its mask is constant"),
+    ]:
+        with pytest.raises(error, match=text):
+            pipe(**{k: load(v) for k, v in kwargs.items()})
+    # the bundle transforms keep row 9's behaviour: a constant image is registered to finite outputs (next test)
+
+
 def test_tiny_volume_is_refused(data, tmp_path, capsys):
     root, files = data
     tiny = _save(np.random.default_rng(0).random((6, 6, 6)).astype(np.float32), tmp_path / "tiny.nii.gz")

@@ -20,7 +20,9 @@ from monai.transforms import (
 
 from ..booleans import as_bool
 
-__all__ = ["registration_pair_transforms", "SameGridCheckd", "FiniteLabelsd", "check_same_grid"]
+__all__ = [
+    "registration_pair_transforms", "SameGridCheckd", "FiniteLabelsd", "check_same_grid", "check_image_content",
+]
 
 IMAGE_KEYS = ("moving_image", "fixed_image")
 LABEL_KEYS = ("moving_label", "fixed_label")
@@ -84,6 +86,27 @@ class FiniteLabelsd(MapTransform):
         return d
 
 
+def check_image_content(x: torch.Tensor, name: str) -> None:
+    """The content check of the images that go through the affine pre-alignment and the pretrained model's
+    intensity normalisation (:class:`~monai_ipear.pipeline.RegistrationPipeline`, ``register --prealign affine``):
+    refuse NaN/Inf (``FloatingPointError``) and a constant image (``ValueError``: an empty file, or an empty mask,
+    leaves nothing to align), which elastix would otherwise fail on with an unrelated "internal elastix error".
+    The bundle's own pair transforms keep their documented behaviour (docs/reliability.md: a constant image is
+    scaled to 0 and registered to finite outputs; the networks refuse NaN/Inf).
+
+    Args:
+        x: the image (any shape), or the image multiplied by its mask.
+        name: how the message names it, e.g. ``"the moving image inside its mask"``.
+    """
+    from ..engines.outputs import check_finite
+
+    check_finite(x, name, hint="replace or mask them (for example set them to 0) before registering.")
+    t = torch.as_tensor(x)
+    lo, hi = float(t.min()), float(t.max())
+    if lo == hi:
+        raise ValueError(f"{name} is constant (every voxel {lo:g}): there is nothing to register.")
+
+
 def registration_pair_transforms(
     image_keys: Sequence[str] = IMAGE_KEYS,
     label_keys: Sequence[str] = LABEL_KEYS,
@@ -99,7 +122,8 @@ def registration_pair_transforms(
       or ``"ITKReader"`` forces one), channel first;
     - optional :class:`~monai.transforms.Spacingd` to ``pixdim`` mm (linear for images, nearest for labels);
     - label maps rounded to the nearest integer (:class:`~monai.transforms.AsDiscreted`; float-valued files);
-    - images min-max scaled to [0, 1] (:class:`~monai.transforms.ScaleIntensityd`);
+    - images min-max scaled to [0, 1] (:class:`~monai.transforms.ScaleIntensityd`; a constant image becomes 0, and
+      the networks refuse NaN/Inf);
     - optional :class:`~monai.transforms.DivisiblePadd` to multiples of ``divisible_k`` at the far end of each
       axis (``method="end"`` keeps the voxel origin, so the affine is unchanged). The networks pad and crop
       internally, so inference needs no padding; training with batches > 1 of mixed sizes does.
