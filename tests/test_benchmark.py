@@ -184,6 +184,43 @@ def test_speed_study_times_training_steps_apart_and_divides_like_by_like(monkeyp
     assert all(len(r["times_s"]) == 2 for r in rows)
 
 
+def test_speed_study_counts_the_arithmetic_of_each_row():
+    """``flops``: a network that is one convolution has the textbook count (2 x voxels x in x out x kernel per
+    sample), a training step adds its backward, and the reference's count is divided like the times."""
+    from monai_ipear.benchmark.report import speed_table
+
+    class OneConv(torch.nn.Module):  # moving, fixed -> field by one 3x3 convolution
+        spatial_dims = 2
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, moving, fixed):
+            return self.conv(torch.cat([moving, fixed], 1))
+
+    torch.manual_seed(0)
+    pair = _square_pair()
+    nets = {"ipear": OneConv(), "rpnet": build_method("rpnet", spatial_dims=2).network}
+    rows = speed_study(nets, pair["moving_image"], pair["fixed_image"], [(16, 24)], repeats=1, warmup=0,
+                       batch_sizes=(2,), memory=False, flops=True, log=lambda *_: None)
+    by = {r["method"]: r for r in rows}
+    one_conv = 2 * (2 * 16 * 24) * 2 * 2 * 9 / 1e9  # batch 2, 16 x 24, 2 -> 2 channels, 3 x 3
+    assert by["ipear"]["gflop"] == pytest.approx(one_conv)
+    assert by["rpnet"]["gflop"] > 10 * one_conv
+    assert by["rpnet"]["ipear_gflop_ratio"] == pytest.approx(one_conv / by["rpnet"]["gflop"])
+    table = speed_table(rows)
+    assert table[0].endswith("GFLOP (convolutions, products) | GFLOP/s | iPEAR / this, GFLOP |")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "GFLOP" not in speed_table([{k: v for k, v in rows[0].items() if "gflop" not in k}])[0]
+    # a training step counts its backward too: the gradients of every convolution's input and weights
+    train = speed_study({"rpnet": nets["rpnet"]}, pair["moving_image"], pair["fixed_image"], [(16, 24)], repeats=1,
+                        warmup=0, train_steps=("rpnet",), memory=False, flops=True, reference="rpnet",
+                        log=lambda *_: None)
+    by = {r["method"]: r for r in train}
+    assert by["train:rpnet"]["gflop"] > 2 * by["rpnet"]["gflop"]
+
+
 @pytest.mark.skipif(not has_matplotlib, reason="matplotlib not installed (optional extra 'bench')")
 def test_plots_are_png_files(tmp_path):
     res = {"ipear": [{"dice_mean": 0.7, "time_s": 1.0, "iterations": [3, 4, 3, 3]},

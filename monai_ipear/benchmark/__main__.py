@@ -105,6 +105,8 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fixed-at-tci", action="store_true",
                    help="also time iPEAR with fixed updates per level equal to TCI's counts on the pair")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (one process each)")
+    p.add_argument("--flops", action="store_true",
+                   help="also count each speed row's arithmetic (GFLOP of convolutions and products, one more call)")
     p.add_argument("--reference-paths", action="store_true",
                    help="run the networks on their reference implementations (gather attention, MONAI Warp)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
@@ -189,7 +191,11 @@ def benchmark_main(argv: list[str] | None = None) -> dict:
                             a.batch_sizes, (False, True) if a.autocast else (False,), a.device,
                             encoders=a.speed_encoders, train_steps=a.speed_train, fixed_at_tci=a.fixed_at_tci,
                             memory=not a.no_memory, train_sizes=a.speed_train_sizes,
-                            train_warmup=a.speed_train_warmup)
+                            train_warmup=a.speed_train_warmup, flops=a.flops)
+        if a.flops:
+            notes.append("speed: GFLOP counted by torch.utils.flop_counter in one more call per row (convolutions, "
+                         "matrix products and attention; element-wise work, reductions, normalisation and sampling "
+                         "not counted)")
         notes.append(f"speed: pair '{pair_name}' resized (trilinear) to each size; {a.warmup} warm-up round(s), then "
                      f"{a.repeats} interleaved rounds (each method once per round), median; training steps after "
                      f"the inference rounds, with {a.speed_train_warmup} untimed step(s) each first, "

@@ -104,25 +104,33 @@ def per_label_table(results: Mapping[str, Sequence[dict]], label_names: Mapping[
 
 
 def speed_table(speed: Sequence[dict]) -> list[str]:
-    """Rows of :func:`~monai_ipear.benchmark.speed.speed_study`: size, batch, autocast, method, times, memory, ratios."""
+    """Rows of :func:`~monai_ipear.benchmark.speed.speed_study`: size, batch, autocast, method, times, memory, ratios
+    (and the arithmetic columns when the study counted it, ``--flops``)."""
+    arithmetic = any("gflop" in r for r in speed)
     lines = [
         "| Input size | Batch | Autocast | Method | Time per call (s), median | Rounds (s) | Peak memory of the process "
         "(MiB) | Rise during the call (MiB) | Tensor peak of the call (MiB) | Updates per level (L4 / L3 / L2 / L1) "
         "| Max field difference to fp32 (voxels) "
-        "| iPEAR / this |",
-        "|---|---:|---|---|---:|---|---:|---:|---:|---|---:|---:|",
+        "| iPEAR / this |" + (" GFLOP (convolutions, products) | GFLOP/s | iPEAR / this, GFLOP |" if arithmetic else ""),
+        "|---|---:|---|---|---:|---|---:|---:|---:|---|---:|---:|" + ("---:|---:|---:|" if arithmetic else ""),
     ]
     for r in speed:
         ratio = r.get("ipear_ratio")
         diff = r.get("max_abs_diff_voxels")
         rounds = " ".join(f"{t:.2f}" for t in r.get("times_s", []))
-        lines.append(
+        line = (
             f"| {'x'.join(map(str, r['size']))} | {r.get('batch', 1)} | {'yes' if r.get('autocast') else 'no'} | "
             f"{display_name(r['method'])} | {r['time_s']:.3f} | {rounds} | {r['peak_mb']:.0f} | "
             f"{r.get('peak_rise_mb', float('nan')):.0f} | {r.get('tensor_peak_mb', float('nan')):.0f} | "
             f"{_iter_text(r.get('iterations'))} | "
             f"{'' if diff is None else f'{diff:.2g}'} | {'' if ratio is None else f'{ratio:.2f}'} |"
         )
+        if arithmetic:
+            g, g_ratio = r.get("gflop"), r.get("ipear_gflop_ratio")
+            rate = "" if g is None else f"{g / r['time_s']:.0f}"
+            line += (f" {'' if g is None else f'{g:.1f}'} | {rate} | "
+                     f"{'' if g_ratio is None else f'{g_ratio:.3f}'} |")
+        lines.append(line)
     return lines
 
 

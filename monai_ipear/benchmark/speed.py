@@ -4,7 +4,8 @@ Timed calls are *interleaved*: every round times each method once, in the same o
 load during the study affects every method alike; the median over rounds is reported. Besides whole
 registrations the study can time the two encoders on the stacked pair (``encoder:<method>``) and one training
 step, forward + backward of the recipe's loss (``train:<method>``). Peak memory is measured separately, one
-fresh process per measurement (:func:`~monai_ipear.benchmark.memory.peak_memory_in_fresh_process`).
+fresh process per measurement (:func:`~monai_ipear.benchmark.memory.peak_memory_in_fresh_process`). The
+arithmetic of each row (:func:`count_gflop`) tells a ratio that follows the work done from one that does not.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..controllers import FixedIterations
 from ..runtime import reduced_precision
 from .memory import peak_memory_in_fresh_process
 
-__all__ = ["speed_study", "fixed_at_counts"]
+__all__ = ["speed_study", "fixed_at_counts", "count_gflop"]
 
 
 def _plain(x) -> torch.Tensor:
@@ -77,6 +78,19 @@ class _TrainCall(_Call):
         return ddf.detach()
 
 
+def count_gflop(call, a: torch.Tensor, b: torch.Tensor) -> float:
+    """GFLOP of one ``call(a, b)`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them: convolutions,
+    matrix products and attention (forward and, in a training step, backward; one multiply-add = 2 FLOP).
+    Element-wise work, reductions, normalisation and sampling are not counted: the ratio of two rows' GFLOP is
+    the arithmetic ratio, which a time ratio above it exceeds in memory-bound passes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call(a, b)
+    return counter.get_total_flops() / 1e9
+
+
 def _timed_rounds(entries, mb, fb, repeats, sync, device, times, iterations, outputs) -> None:
     """``repeats`` rounds, each calling every entry once in turn (interleaved), recording times and outputs."""
     for _ in range(repeats):
@@ -109,6 +123,7 @@ def speed_study(
     memory: bool = True,
     train_sizes: Sequence[Sequence[int]] | None = None,
     train_warmup: int = 2,
+    flops: bool = False,
     log=print,
 ) -> list[dict]:
     """Time every network on one real pair resized (trilinear, :class:`monai.transforms.Resize`) to each size.
@@ -135,10 +150,13 @@ def speed_study(
         memory: measure each row's peak memory in a fresh process (CPU: peak resident set size of that process,
             ``peak_mb``, and its rise during the call, ``peak_rise_mb``; CUDA: ``torch.cuda.max_memory_allocated``)
             and the call's tensor peak, ``tensor_peak_mb`` (see :mod:`~monai_ipear.benchmark.memory`).
+        flops: count each row's arithmetic in one more (untimed) call, ``gflop`` (:func:`count_gflop`), and divide
+            it like the times (``ipear_gflop_ratio`` = reference / method).
 
     Returns:
         rows with ``size``, ``batch``, ``autocast``, ``method``, ``time_s`` (median), ``times_s``, ``peak_mb``,
-        ``peak_rise_mb``, ``tensor_peak_mb``, ``iterations`` (mean per level over the batch, finest first) and ``ipear_ratio``.
+        ``peak_rise_mb``, ``tensor_peak_mb``, ``iterations`` (mean per level over the batch, finest first), ``ipear_ratio``
+        and, with ``flops``, ``gflop`` and ``ipear_gflop_ratio``.
     """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
@@ -196,6 +214,8 @@ def speed_study(
                             fp32_fields[name] = out.float().cpu()
                         elif name in fp32_fields:
                             row["max_abs_diff_voxels"] = float((out.float().cpu() - fp32_fields[name]).abs().max())
+                    if flops:
+                        row["gflop"] = count_gflop(call, mb, fb)
                     if memory:
                         mem = peak_memory_in_fresh_process(call, mb, fb, device=device)
                         row.update({k: mem[k] for k in ("peak_mb", "peak_rise_mb", "tensor_peak_mb")})
@@ -209,5 +229,7 @@ def speed_study(
                     kind = r["method"].split(":")[0] + ":" if ":" in r["method"] else ""
                     ref = by_method.get(kind + reference)
                     r["ipear_ratio"] = ref["time_s"] / r["time_s"] if ref is not None else None
+                    if flops:
+                        r["ipear_gflop_ratio"] = ref["gflop"] / r["gflop"] if ref is not None and r["gflop"] else None
                 rows += group
     return rows
