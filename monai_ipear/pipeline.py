@@ -331,11 +331,10 @@ class RegistrationPipeline:
             if b is not None:
                 self._check_same_grid(a, b, what)
         a_f, a_m = _affine(f), _affine(m)
-        for image, what in ((f, "fixed"), (m, "moving")):
-            check_image_content(image, f"the {what} image")
         f_masked = f * (fm > 0) if fm is not None else f
         m_masked = m * (mm > 0) if mm is not None else m
-        for masked, mask, what in ((f_masked, fm, "fixed"), (m_masked, mm, "moving")):
+        for image, mask, masked, what in ((f, fm, f_masked, "fixed"), (m, mm, m_masked, "moving")):
+            check_image_content(image, f"the {what} image")  # the raw image: a NaN outside the mask stays NaN
             if mask is not None:  # an empty mask, or one around a constant region only
                 check_image_content(masked, f"the {what} image inside its mask")
         times["load"] = time.perf_counter() - start

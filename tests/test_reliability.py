@@ -229,10 +229,10 @@ def test_constant_or_nan_images_are_refused_before_the_affine_prealignment(data,
     nan = good.copy()
     nan[3, 4, 5] = np.nan
     nan = _save(nan, tmp_path / "nan.nii.gz")
-    cases = [(files["fixed"], zero, [], "moving image", "constant (every voxel 0)"),
-             (grey, files["moving"], [], "fixed image", "constant (every voxel 7)"),
-             (files["fixed"], nan, [], "moving image", "non-finite values (NaN/Inf in 0.0244 %")]
-    for fixed, moving, extra, who, what in cases:
+    cases = [(files["fixed"], zero, "moving image", "constant (every voxel 0)"),
+             (grey, files["moving"], "fixed image", "constant (every voxel 7)"),
+             (files["fixed"], nan, "moving image", "non-finite values (NaN/Inf in 0.0244 %")]
+    for fixed, moving, who, what in cases:
         capsys.readouterr()
         out = tmp_path / f"out_{os.path.basename(moving)}_{os.path.basename(fixed)}"
         assert _register(files, fixed, moving, out, "--prealign", "affine") == 2
@@ -255,7 +255,8 @@ def test_constant_or_nan_images_are_refused_before_the_affine_prealignment(data,
     ]:
         with pytest.raises(error, match=text):
             pipe(**{k: load(v) for k, v in kwargs.items()})
-    # the bundle transforms keep row 9's behaviour: a constant image is registered to finite outputs (next test)
+    # the bundle transforms keep row 9's behaviour: a constant image is registered to finite outputs
+    # (test_all_zero_images_register_to_finite_outputs)
 
 
 def test_tiny_volume_is_refused(data, tmp_path, capsys):

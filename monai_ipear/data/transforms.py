@@ -101,8 +101,7 @@ def check_image_content(x: torch.Tensor, name: str) -> None:
     from ..engines.outputs import check_finite
 
     check_finite(x, name, hint="replace or mask them (for example set them to 0) before registering.")
-    t = torch.as_tensor(x)
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = (float(v) for v in torch.aminmax(torch.as_tensor(x)))
     if lo == hi:
         raise ValueError(f"{name} is constant (every voxel {lo:g}): there is nothing to register.")
 

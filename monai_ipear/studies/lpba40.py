@@ -203,7 +203,9 @@ def parse_run(spec: str) -> tuple[str, str, int]:
     ``first_step``: the optimiser steps the run's weights had when its trainer started counting from zero (a run
     started from other weights without their trainer state, e.g. a fine-tune); 0 by default."""
     name, sep, rest = spec.partition("=")
-    folder, at, first = rest.rpartition("@") if "@" in rest else (rest, "", "0")
+    folder, at, first = rest.rpartition("@")
+    if not at:
+        folder, first = rest, "0"
     if not sep or not name or not folder or not first.isdigit():
         raise ValueError(f"expected NAME=bundle_root or NAME=bundle_root@first_step, got {spec!r}")
     return name, folder, int(first)
