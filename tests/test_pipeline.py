@@ -394,6 +394,11 @@ def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
     text = format_comparison(both)
     assert "| `register --autocast` (packaged iPEAR, TCI, bfloat16 autocast, affine pre-alignment) |" in text
     assert "`--autocast` against float32, pair by pair: largest Dice difference 0.0000 (mean 0.0000)" in text
+    # a registration that raises mid-loop (here the autocast row) leaves the caller's pipeline at its own setting
+    pipe = RegistrationPipeline(network=_FailsUnderAutocast(), device="cpu")
+    with pytest.raises(RuntimeError, match="under autocast"):
+        run_comparison(subjects, ["register", "register-autocast"], pipeline=pipe, max_pairs=1, log=lambda *_: None)
+    assert pipe.autocast is False
 
 
 def statistics_mean(values):
@@ -448,6 +453,13 @@ class _PrecisionSpy(torch.nn.Module):
         on = torch.is_autocast_enabled("cpu")
         self.seen.append((on, torch.get_autocast_dtype("cpu") if on else None))
         return torch.zeros(moving.shape[0], 3, *moving.shape[2:], dtype=torch.bfloat16 if on else torch.float32)
+
+
+class _FailsUnderAutocast(_PrecisionSpy):
+    def forward(self, moving, fixed):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("fails under autocast")
+        return super().forward(moving, fixed)
 
 
 def test_autocast_option_runs_the_network_in_reduced_precision(tmp_path, capsys):

@@ -140,3 +140,32 @@ def test_plot_joins_runs_of_one_name_at_their_first_steps(tmp_path):
             parse_run(bad)
     with pytest.raises(FileNotFoundError, match="no training run"):
         validation_curves([f"x={tmp_path / 'missing'}"], every=100)
+
+
+def test_sacbnet_checkpoint_loads_with_its_variant_config_and_scores(tmp_path):
+    """``evaluate --sacbnet``: the network is built from ``configs/variants/sacbnet.json`` (its constructor arguments),
+    a bundle checkpoint's weights load into it, and the study's row registers with those weights; an unknown
+    architecture is refused by name."""
+    import pytest
+    import torch
+
+    from monai_ipear.studies.lpba40 import load_trained, lpba40_methods, variant_network
+
+    torch.manual_seed(0)
+    trained = variant_network("sacbnet")
+    assert sum(p.numel() for p in trained.parameters()) == 1_105_591  # the paper's configuration (docs/architecture.md)
+    path = str(tmp_path / "sacb.pt")
+    torch.save({"model": trained.state_dict(), "optimizer": {}}, path)
+    loaded = load_trained("sacbnet", path)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
+    (method,) = lpba40_methods({"sacbnet": path})
+    assert method.name == "SACB-Net"
+    moving, fixed = torch.rand(1, 1, 32, 16, 16), torch.rand(1, 1, 32, 16, 16)  # 5 levels: 32 along one axis
+    with torch.no_grad():
+        expected = trained.eval()(moving, fixed)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    field = method.register(moving, fixed)
+    assert field.shape == (1, 3, 32, 16, 16)
+    torch.testing.assert_close(field, expected.float())
+    with pytest.raises(ValueError, match="unknown architecture 'ran'"):
+        load_trained("ran", path)

@@ -23,7 +23,8 @@ Dice against training steps from the runs' TensorBoard logs::
 
     python -m monai_ipear.studies.lpba40 evaluate --dataset_dir /data/lpba40_2mm \
         --ipear runs/lpba_ipear/models/model_final.pt --rpnet runs/lpba_rpnet/models/model_final.pt \
-        --voxelmorph runs/lpba_voxelmorph/models/model_final.pt --out docs/lpba40_results.json
+        --voxelmorph runs/lpba_voxelmorph/models/model_final.pt --sacbnet runs/lpba_sacb/models/model_final.pt \
+        --out docs/lpba40_results.json
     python -m monai_ipear.studies.lpba40 plot --run iPEAR=runs/lpba_ipear ... --every 100 --out docs/lpba40/val_dice.png
 """
 
@@ -39,7 +40,8 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Spacingd
 
 from ..preprocessing.__main__ import _save
 
-__all__ = ["LPBA40_SPLIT", "prepare_lpba40", "lpba40_methods", "evaluate_lpba40", "format_lpba40_tables", "read_validation_curve", "lpba40_main"]
+__all__ = ["LPBA40_SPLIT", "ARCHITECTURES", "prepare_lpba40", "variant_network", "load_trained", "lpba40_methods",
+           "evaluate_lpba40", "format_lpba40_tables", "read_validation_curve", "lpba40_main"]
 
 LPBA40_SPLIT = {
     "atlas": "S01",
@@ -96,13 +98,32 @@ def prepare_lpba40(src: str, out: str, pixdim: float = 2.0) -> dict:
     return datalist
 
 
+ARCHITECTURES = ("ipear", "rpnet", "voxelmorph", "sacbnet")
+"""The networks ``evaluate`` scores: the recipe's three and, by its variant config, SACB-Net."""
+
+
+def variant_network(name: str, spatial_dims: int = 3) -> torch.nn.Module:
+    """A fresh network as the bundle's variant ``configs/variants/<name>.json`` defines it (its ``network_def``), so
+    that a checkpoint trained with that variant loads with the same constructor arguments."""
+    from monai.bundle import ConfigParser
+
+    from .variants import bundle_config_dir, variant_config_files
+
+    parser = ConfigParser()
+    parser.read_config(variant_config_files(bundle_config_dir(), name))
+    parser["spatial_dims"] = spatial_dims
+    return parser.get_parsed_content("network_def", instantiate=True)
+
+
 def load_trained(arch: str, path: str) -> torch.nn.Module:
-    """A network of ``arch`` (``ipear``, ``rpnet``, ``voxelmorph``) with the weights of a bundle checkpoint
+    """A network of ``arch`` (one of :data:`ARCHITECTURES`) with the weights of a bundle checkpoint
     (``model_final.pt``: a dict with ``"model"``; ``model.pt``: the state dict itself)."""
     from ..benchmark.methods import make_network
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    net = make_network(arch)
+    net = variant_network(arch) if arch == "sacbnet" else make_network(arch)
     net.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
     return net.eval()
 
@@ -126,6 +147,8 @@ def lpba40_methods(checkpoints: dict[str, str], autocast: bool = False) -> list:
             rows.append(_net_method(name, _shallow_with_controller(net, ctrl), ""))
     if "voxelmorph" in checkpoints:
         rows.append(_net_method("VoxelMorph (MONAI)", load_trained("voxelmorph", checkpoints["voxelmorph"]), ""))
+    if "sacbnet" in checkpoints:
+        rows.append(_net_method("SACB-Net", load_trained("sacbnet", checkpoints["sacbnet"]), ""))
     if autocast:
         rows += [_net_method(f"{m.name}, autocast", m.network, m.note, autocast=True) for m in rows]
     return rows
@@ -231,7 +254,7 @@ def lpba40_main(argv=None) -> None:
     pre.add_argument("--pixdim", type=float, default=2.0, help="voxel size in mm (2: CPU protocol, 1: the paper's)")
     ev = sub.add_parser("evaluate", help="score trained checkpoints on both validation protocols")
     ev.add_argument("--dataset_dir", required=True)
-    for arch in ("ipear", "rpnet", "voxelmorph"):
+    for arch in ARCHITECTURES:
         ev.add_argument(f"--{arch}", default=None, help=f"{arch} bundle checkpoint")
     ev.add_argument("--protocols", nargs="+", default=["validation_atlas", "validation"],
                     help="datalist splits to score (default: both validation protocols)")
@@ -248,9 +271,9 @@ def lpba40_main(argv=None) -> None:
     if a.command == "prepare":
         prepare_lpba40(a.src, a.out, a.pixdim)
     elif a.command == "evaluate":
-        ckpts = {k: getattr(a, k) for k in ("ipear", "rpnet", "voxelmorph") if getattr(a, k)}
+        ckpts = {k: getattr(a, k) for k in ARCHITECTURES if getattr(a, k)}
         if not ckpts:
-            p.error("give at least one of --ipear, --rpnet, --voxelmorph")
+            p.error("give at least one of " + ", ".join(f"--{k}" for k in ARCHITECTURES))
         results = evaluate_lpba40(a.dataset_dir, ckpts, tuple(a.protocols), autocast=a.autocast)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)

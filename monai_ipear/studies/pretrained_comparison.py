@@ -162,28 +162,30 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
         f = loaded[pairs[0][1]]
         elastix_register(_RAS(f["image"])[0], _RAS(f["image"])[0], _spacing(f["image"]), "affine", 1, 1)
     own_autocast = getattr(pipeline, "autocast", False)  # each register row sets it; the caller's comes back after
-    for i, j in pairs:
-        mov, fix = loaded[i], loaded[j]
-        name = f"{mov['name']}_to_{fix['name']}"
-        for m in methods:
-            if m in ("register", "register-autocast"):  # one pipeline: the same network and settings, either precision
-                pipeline.autocast = m == "register-autocast"
-                start = time.perf_counter()
-                out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
-                elapsed = time.perf_counter() - start
-                r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
-                r["iterations"] = out["iterations"]
-            elif m.startswith("elastix"):
-                r = _elastix("affine" if m == "elastix-affine" else "bspline", elastix_iterations, fix, mov)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    r = _ants(fix, mov, ants_python, tmp)
-            r["pair"] = name
-            rows[m].append(r)
-            log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
-                f"{r['time_s']:.2f} s")
-    if pipeline is not None:
-        pipeline.autocast = own_autocast
+    try:
+        for i, j in pairs:
+            mov, fix = loaded[i], loaded[j]
+            name = f"{mov['name']}_to_{fix['name']}"
+            for m in methods:
+                if m in ("register", "register-autocast"):  # one pipeline: the same network and settings, either precision
+                    pipeline.autocast = m == "register-autocast"
+                    start = time.perf_counter()
+                    out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
+                    elapsed = time.perf_counter() - start
+                    r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
+                    r["iterations"] = out["iterations"]
+                elif m.startswith("elastix"):
+                    r = _elastix("affine" if m == "elastix-affine" else "bspline", elastix_iterations, fix, mov)
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        r = _ants(fix, mov, ants_python, tmp)
+                r["pair"] = name
+                rows[m].append(r)
+                log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
+                    f"{r['time_s']:.2f} s")
+    finally:  # also when a registration raises: the caller's pipeline keeps its own setting
+        if pipeline is not None:
+            pipeline.autocast = own_autocast
     return {"rows": rows, "notes": notes, "pairs": [f"{loaded[i]['name']}_to_{loaded[j]['name']}" for i, j in pairs],
             "register_iterations": None if iterations is None else str(iterations),
             "register_model": None if pipeline is None or model is None else os.path.basename(str(model))}
