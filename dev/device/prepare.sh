@@ -19,7 +19,30 @@ pins=$(python -c 'import importlib.metadata as m; print(" ".join(f"{p}=={m.versi
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
 rm -rf .devdata && mkdir -p .devdata/ixi_prep .devdata/speed
-cp "$prep"/dataset.json "$prep"/*.nii.gz .devdata/ixi_prep/
+cp "$prep"/dataset.json .devdata/ixi_prep/
+# the training folder stored smaller (44 -> 26 MB for the 46 IXI subjects at 2 mm): images as int16 with NIfTI's
+# scale (the preprocessed intensities lie in [0, 1]: error below 1e-5), labels as int16 (exact; refused if not integral)
+python - "$prep" .devdata/ixi_prep <<'PY'
+import glob, os, sys
+
+import nibabel as nib
+import numpy as np
+
+src, dst = sys.argv[1:]
+for path in sorted(glob.glob(os.path.join(src, "*.nii.gz"))):
+    img = nib.load(path)
+    data = img.get_fdata(dtype=np.float32)
+    label = "_label" in os.path.basename(path)
+    if label and not np.array_equal(data, np.round(data)):
+        sys.exit(f"{path}: a label map with non-integer values")
+    header = img.header.copy()
+    header.set_data_dtype(np.int16)
+    nib.save(nib.Nifti1Image(data.astype(np.int16) if label else data, img.affine, header),
+             os.path.join(dst, os.path.basename(path)))
+PY
 cp "$moving" .devdata/speed/moving.nii.gz && cp "$fixed" .devdata/speed/fixed.nii.gz && cp "$weights" .devdata/speed/rpnet.pt
 du -sh .whl .devdata/ixi_prep .devdata/speed
-echo "tracked files: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes; a call carries at most 64 MiB in all"
+tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+total=$((tracked + $(du -cb .whl .devdata | tail -1 | cut -f1)))
+echo "tracked files: $tracked bytes; with .whl and .devdata: $total bytes of the 67108864 (64 MiB) a call carries"
+[ "$total" -lt 67108864 ] || { echo "over the device tool's 64 MiB carry limit: trim .devdata" >&2; exit 1; }
