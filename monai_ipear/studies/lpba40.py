@@ -98,8 +98,8 @@ def prepare_lpba40(src: str, out: str, pixdim: float = 2.0) -> dict:
     return datalist
 
 
+# the networks ``evaluate`` scores: the recipe's three and, by its variant config, SACB-Net
 ARCHITECTURES = ("ipear", "rpnet", "voxelmorph", "sacbnet")
-"""The networks ``evaluate`` scores: the recipe's three and, by its variant config, SACB-Net."""
 
 
 def variant_network(name: str, spatial_dims: int = 3) -> torch.nn.Module:
