@@ -169,3 +169,26 @@ def test_sacbnet_checkpoint_loads_with_its_variant_config_and_scores(tmp_path):
     torch.testing.assert_close(field, expected.float())
     with pytest.raises(ValueError, match="unknown architecture 'ran'"):
         load_trained("ran", path)
+
+
+def test_committed_lpba40_weights_load_and_are_on_the_model_card():
+    """Every state dict in ``models/lpba40/`` loads into the network its name starts with (strictly: same keys and
+    shapes; the SACB-Net file is float16 and is cast into the float32 network), and the model card lists each file."""
+    import glob
+
+    import torch
+
+    from monai_ipear.studies.lpba40 import ARCHITECTURES, load_trained
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "lpba40")
+    files = sorted(glob.glob(os.path.join(folder, "*.pt")))
+    assert len(files) >= 10
+    with open(os.path.join(folder, "README.md")) as f:
+        card = f.read()
+    for path in files:
+        name = os.path.basename(path)
+        assert f"`{name}`" in card, f"{name} is not on the model card"
+        arch = name.split("_")[0]
+        assert arch in ARCHITECTURES, name
+        net = load_trained(arch, path)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters()), name
