@@ -123,8 +123,9 @@ def load_trained(arch: str, path: str) -> torch.nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    # the recipe's three come from make_network (what the benchmark builds); SACB-Net from its variant config
     net = variant_network(arch) if arch == "sacbnet" else make_network(arch)
-    net.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+    net.load_state_dict(state["model"] if "model" in state else state)
     return net.eval()
 
 
