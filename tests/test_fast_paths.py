@@ -270,6 +270,33 @@ def test_padded_and_unpadded_pair_give_the_same_similarities_and_decisions():
     assert torch.equal(net.last_iterations, torch.full((2, 4), 3))  # constant s: TCI stops at t = 3
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("slab_bytes", [1, 3000, 2**30])  # one plane per slab, uneven slabs, the whole volume
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("out_channels,in_channels,kernel,bias", [(1, 2, 7, False), (3, 24, 3, True)])
+def test_depth_split_conv_slabs_equal_the_plain_convolution(
+    monkeypatch, spatial_dims, slab_bytes, channels_last, out_channels, in_channels, kernel, bias
+):
+    """Without autograd the few-output convolution runs slab by slab (a batch of flat convolutions per slab, its
+    shifted sums added into the output): every slab size and input layout gives the plain convolution."""
+    from monai_ipear.networks.blocks import depth_split
+
+    monkeypatch.setattr(depth_split, "SLAB_BYTES", slab_bytes)
+    g = torch.Generator().manual_seed(5)
+    size = (9, 11, 6)[:spatial_dims]
+    x = torch.randn(2, in_channels, *size, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    w = torch.randn(out_channels, in_channels, *([kernel] * spatial_dims), generator=g)
+    b = torch.randn(out_channels, generator=g) if bias else None
+    conv = torch.nn.functional.conv2d if spatial_dims == 2 else torch.nn.functional.conv3d
+    ref = conv(x, w, b, padding=kernel // 2)
+    with torch.no_grad():
+        out = depth_split.depth_split_conv(x, w, b)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_crop_to_is_the_inverse_of_padding():
     x = torch.rand(2, 1, 5, 7)
     padded = torch.nn.functional.pad(x, (0, 1, 0, 3))
@@ -279,7 +306,7 @@ def test_crop_to_is_the_inverse_of_padding():
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("out_channels,in_channels,kernel", [(1, 2, 7), (3, 24, 3), (2, 5, 5)])
 def test_depth_split_conv_equals_the_plain_convolution_with_gradients(spatial_dims, out_channels, in_channels, kernel):
-    from monai_ipear.networks.blocks.farm import depth_split_conv
+    from monai_ipear.networks.blocks.depth_split import depth_split_conv
 
     g = torch.Generator().manual_seed(3)
     size = (9, 11, 6)[:spatial_dims]  # the last 3D axis is shorter than the 7-kernel
@@ -438,7 +465,8 @@ def test_farm_without_autograd_reuses_buffers_with_the_same_values(spatial_dims,
             assert torch.equal(block(x, inplace=True), out) and torch.equal(x, out)
             x.copy_(x_kept)
         x_grad = x.clone().requires_grad_()
-        assert torch.equal(block(x_grad, inplace=True), out) and torch.equal(x_grad.detach(), x_kept)  # autograd: a copy
+        # autograd: a copy (and SAB's convolution over the whole volume, not in slabs: equal up to float rounding)
+        assert torch.allclose(block(x_grad, inplace=True), out, atol=1e-6) and torch.equal(x_grad.detach(), x_kept)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc allocator settings: Linux only")

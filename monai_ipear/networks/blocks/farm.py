@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer, Convolution
 
 from ...booleans import as_bool
-from ..utils import channels_last_format, cpu_training, records_grad, tracing
+from ..utils import concat_channels, records_grad, tracing
+from .depth_split import depth_split_applies, depth_split_conv, few_output_conv
 
 __all__ = [
     "FARM",
@@ -30,67 +31,16 @@ __all__ = [
     "FARMSpatialAttention",
     "ResidualPathway",
     "ResidualPathwayUnit",
-    "depth_split_conv",
 ]
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.1})
 LEAKY_INPLACE = ("leakyrelu", {"negative_slope": 0.1, "inplace": True})  # on the output of the convolution before it
 
 
-def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv(x, weight, bias)`` with stride 1 and "same" zero padding, for an odd kernel ``k`` along the first
-    spatial axis, computed as one convolution whose kernels are flat along that axis (``k * out_channels``
-    outputs) followed by ``k`` shifted sums along it.
-
-    Why by hand: the CPU convolutions of oneDNN use a small part of the vector units when a layer has 1-3
-    output channels; FARM has two such layers at full resolution. Measured on the 2-core development CPU at
-    160x192x160 (channels-last, batch 1): SAB's 7x7x7 2->1 convolution 0.31 s -> 0.06 s, Cl3's 24->3 convolution
-    0.26 s -> 0.12 s. The result equals the plain convolution up to float rounding (tested).
-
-    Args:
-        x: ``(B, in_channels, *spatial)``.
-        weight: ``(out_channels, in_channels, k, *kernel)``, odd sizes.
-        bias: ``(out_channels,)`` or None.
-    """
-    out_c, in_c, k = weight.shape[:3]
-    nd = weight.dim() - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    p = k // 2
-    # index kd * out_c + o holds weight[o, :, kd]
-    flat = weight.permute(2, 0, 1, *range(3, weight.dim())).reshape(k * out_c, in_c, 1, *weight.shape[3:])
-    if weight.dim() == 5:
-        flat = flat.contiguous(memory_format=torch.channels_last_3d)
-    y = conv(x, flat, None, padding=(0, *[s // 2 for s in weight.shape[3:]]))
-    out = y[:, p * out_c:(p + 1) * out_c].clone()
-    for kd in range(k):
-        o = kd - p  # out[d] += y_kd[d + o]
-        if o > 0:
-            out[:, :, :-o] += y[:, kd * out_c:(kd + 1) * out_c, o:]
-        elif o < 0:
-            out[:, :, -o:] += y[:, kd * out_c:(kd + 1) * out_c, :o]
-    if bias is not None:
-        out += bias.view(1, out_c, *([1] * nd))  # ``out`` is this function's own tensor (autograd-safe)
-    return out
-
-
 def _may_overwrite(*tensors: torch.Tensor) -> bool:
     """Whether an op may overwrite these tensors: autograd records none of them and no graph is being captured
     (FARM's in-place paths without autograd; same values, fewer full-size maps alive at once)."""
     return not tracing() and not records_grad(*tensors)
-
-
-def _depth_split_applies(x: torch.Tensor, fast: bool) -> bool:
-    """Whether FARM's few-output convolutions run as :func:`depth_split_conv` (CPU, eager mode, ``fast``)."""
-    return fast and x.device.type == "cpu" and not tracing()
-
-
-def _few_output_conv(conv: Convolution, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """A MONAI ``Convolution`` (stride 1, same padding) with :func:`depth_split_conv` on CPU when ``fast``."""
-    if not _depth_split_applies(x, fast):
-        return conv(x)
-    layer = conv.conv
-    y = depth_split_conv(x, layer.weight, layer.bias)
-    return conv.adn(y) if "adn" in conv._modules else y
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -165,7 +115,7 @@ class FARMSpatialAttention(nn.Module):
         then multiplied in place where no autograd records it."""
         if self.mode == "spatial":
             pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-            weights = _few_output_conv(self.conv, pooled, self.fast)
+            weights = few_output_conv(self.conv, pooled, self.fast)
         else:
             flat = x.flatten(2)  # (B, C, N)
             pooled = torch.stack([flat.mean(-1), flat.amax(-1)], dim=1)  # (B, 2, C)
@@ -205,7 +155,15 @@ class ResidualPathway(nn.Module):
         self.out_channels = channels // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cl2(self.res2(self.res1(self.cl1(x))))
+        return self.tail(self.cl1(x))
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything after Cl1: ``x`` ``(B, q, *spatial)`` (Cl1's output) -> ``(B, q/2, *spatial)``. Each map is
+        released once the next one is made, so a caller that hands ``x`` over (no reference of its own) keeps two
+        q-channel maps alive at a time, not three."""
+        x = self.res1(x)
+        x = self.res2(x)
+        return self.cl2(x)
 
 
 class FARM(nn.Module):
@@ -224,7 +182,7 @@ class FARM(nn.Module):
     field) -> residual DDF ``(B, spatial_dims, *spatial)`` in voxels of this level.
 
     ``fast`` (default True): on CPU, SAB's and Cl3's few-output convolutions run as :func:`depth_split_conv`, and
-    in training R is made channels-last and SEB's pooling hands its gradient back expanded (same values;
+    R is made channels-last, and in training SEB's pooling hands its gradient back expanded (same values;
     :func:`~monai_ipear.networks.nets.use_reference_paths` turns it off).
     """
 
@@ -263,22 +221,25 @@ class FARM(nn.Module):
         self.fast = True
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        r = torch.cat([moving, fixed], dim=1)
-        if self._fast and cpu_training(r):
-            # training on CPU: R channels-last like the convolutions that read it (channels-last weights), so that
-            # the gradients of its two pathways are summed in one layout (a mixed-layout sum of two 2C-channel
-            # gradients cost 0.35 s at level 1, 160x192x160, on the development CPU)
-            r = r.contiguous(memory_format=channels_last_format(r.ndim))
+        # on CPU R is made channels-last like the convolutions that read it (channels-last weights): in training the
+        # gradients of its two pathways are then summed in one layout (a mixed-layout sum of two 2C-channel gradients
+        # cost 0.35 s at level 1, 160x192x160, on the development CPU); at inference Cl1 makes no channels-last copy
+        # beside it (SEB's and SAB's reductions are slower on it: +45 ms per level-1 call, as much as the copy saves)
+        r = concat_channels([moving, fixed], channels_last=depth_split_applies(moving, self._fast))
         if self.rp is None:
-            return _few_output_conv(self.cl3, self._attention(r, own=True), self._fast)
-        if not _depth_split_applies(r, self._fast):
+            return few_output_conv(self.cl3, self._attention(r, own=True), self._fast)
+        if not depth_split_applies(r, self._fast):
             return self.cl3(torch.cat([self._attention(r, own=False), self.rp(r)], dim=1))
         # Cl3 of the concatenation = the sum of Cl3's two weight blocks applied to each part: no 3C/2-channel copy.
-        # The residual pathway runs first, so that the attention pathway may then work in R's own memory (without
-        # autograd): at most one 2C-channel map besides the pathway's own is alive at full resolution.
+        # Without autograd R's memory is reused and released early: Cl1 reads R first, the attention pathway then
+        # works in R's own memory, and R (this function's only reference) is dropped before the residual units run:
+        # at full resolution at most two 2C- or q-channel maps are alive at once (a level-1 call at 160x192x160 on
+        # the development CPU: tensor peak 900 -> 675 MiB with R channels-last).
         weight, c = self.cl3.conv.weight, r.shape[1]
-        out = depth_split_conv(self.rp(r), weight[:, c:])
-        return out.add_(depth_split_conv(self._attention(r, own=True), weight[:, :c], self.cl3.conv.bias))
+        pathway = [self.rp.cl1(r)]  # a list, so that Cl1's output is handed over below without a reference kept here
+        out = depth_split_conv(self._attention(r, own=True), weight[:, :c], self.cl3.conv.bias)
+        del r
+        return out.add_(depth_split_conv(self.rp.tail(pathway.pop()), weight[:, c:]))
 
     def _attention(self, r: torch.Tensor, own: bool) -> torch.Tensor:
         """SEB then SAB on ``R``; ``own``: nothing reads ``R`` afterwards, so it may be overwritten."""

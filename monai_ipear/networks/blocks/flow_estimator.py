@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import Convolution
 
+from ..utils import concat_channels
+from .depth_split import depth_split_applies, few_output_conv
 from .farm import ResidualPathway
 
 __all__ = ["ResidualFlowEstimator"]
@@ -20,7 +22,13 @@ class ResidualFlowEstimator(nn.Module):
         channels: width ``q`` (IIRP-Net: 16/32/32/32, finest first).
 
     ``forward(moving, fixed)`` -> residual DDF ``(B, spatial_dims, *spatial)`` in voxels of this level.
+
+    ``fast`` (default True): on CPU the head runs as :func:`~monai_ipear.networks.blocks.depth_split.depth_split_conv`,
+    as FARM's few-output convolutions do (same values up to float rounding;
+    :func:`~monai_ipear.networks.nets.use_reference_paths` turns it off).
     """
+
+    fast = True
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: int) -> None:
         super().__init__()
@@ -28,4 +36,9 @@ class ResidualFlowEstimator(nn.Module):
         self.head = Convolution(spatial_dims, channels // 2, spatial_dims, kernel_size=3, conv_only=True)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(torch.cat([moving, fixed], dim=1)))
+        # as in FARM: the concatenation channels-last on CPU; nested calls without local names, so that each
+        # full-resolution map is released once the next layer has read it
+        channels_last = depth_split_applies(moving, self.fast)
+        return few_output_conv(
+            self.head, self.body.tail(self.body.cl1(concat_channels([moving, fixed], channels_last))), self.fast
+        )

@@ -38,7 +38,8 @@ def use_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
 def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
     """Switch every fast path inside ``module`` to its reference implementation (or back): neighborhood attention
     by gathering (``implementation="gather"``), warps by MONAI's ``Warp`` (``FieldComposer.fast = False``), FARM's
-    few-output convolutions as plain convolutions and its training without the layout changes (``FARM.fast = False``),
+    few-output convolutions (and the residual decoder's head, ``ResidualFlowEstimator.fast = False``) as plain
+    convolutions and its training without the layout changes (``FARM.fast = False``),
     contiguous decoder weights (:func:`use_channels_last`) and plain (channels-first) training of the NA encoder's
     conv blocks (``ConvGELUBlock.fast = False``).
 
@@ -48,6 +49,7 @@ def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
     from ..blocks.encoders import ConvGELUBlock
     from ..blocks.farm import FARM
     from ..blocks.fields import FieldComposer
+    from ..blocks.flow_estimator import ResidualFlowEstimator
     from ..blocks.neighborhood_attention import NeighborhoodAttention
 
     for m in module.modules():
@@ -55,7 +57,7 @@ def use_reference_paths(module: nn.Module, reference: bool = True) -> nn.Module:
             m.implementation = "gather" if reference else "shifted"
         elif isinstance(m, FieldComposer):
             m.fast = not reference
-        elif isinstance(m, FARM):
+        elif isinstance(m, (FARM, ResidualFlowEstimator)):
             m.fast = not reference
         elif isinstance(m, ConvGELUBlock):
             m.fast = not reference

@@ -1,0 +1,116 @@
+"""Convolutions with few output channels (1-3) at full resolution, as flat convolutions plus shifted sums.
+
+FARM's SAB (2 -> 1, 7x7x7) and Cl3 (-> spatial_dims) and the residual decoder's head (q/2 -> spatial_dims) run at
+the finest pyramid level. :func:`depth_split_conv` computes them on CPU; :func:`few_output_conv` applies it to a
+MONAI :class:`~monai.networks.blocks.Convolution`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+
+from ..utils import records_grad, tracing
+
+__all__ = ["depth_split_conv", "few_output_conv", "depth_split_applies", "SLAB_BYTES"]
+
+#: the working set of one slab of :func:`depth_split_conv` without autograd (its input planes or its flat
+#: convolution's output planes, the larger); chosen on the development CPU (32 MiB L3): 2, 4 and 8 MiB ran alike
+#: from 40x48x40 to 160x192x160, 16 MiB and whole volumes slower.
+SLAB_BYTES = 4 * 2**20
+
+
+def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x, weight, bias)`` with stride 1 and "same" zero padding, for an odd kernel ``k`` along the first
+    spatial axis, computed as one convolution whose kernels are flat along that axis (``k * out_channels``
+    outputs) followed by ``k`` shifted sums along it.
+
+    Why by hand: the CPU convolutions of oneDNN use a small part of the vector units when a layer has 1-3
+    output channels. Without autograd (and for 2D and 3D inputs) the first spatial axis is cut into slabs of a few
+    planes (:data:`SLAB_BYTES`), each slab's planes run as a batch of flat convolutions of one dimension less, and
+    their shifted sums are added into the output while the slab is still in cache: the full-size ``k *
+    out_channels`` map of the flat convolution is never made. Measured on the 2-core development CPU at
+    160x192x160, batch 1, 2 threads, plain (channels-first) convolution / flat convolution over the whole volume /
+    slabs: 8 -> 3 channels 176 / 163 / 67 ms, 16 -> 3 channels 377 / 242 / 107 ms, and SAB's 2 -> 1 7x7x7
+    convolution 102 -> 54 ms (whole volume / slabs). With autograd the whole volume runs as one flat convolution
+    (slabs would record a graph node per shifted sum and slab). The result equals the plain convolution up to
+    float rounding (tested, values and gradients).
+
+    Args:
+        x: ``(B, in_channels, *spatial)``.
+        weight: ``(out_channels, in_channels, k, *kernel)``, odd sizes.
+        bias: ``(out_channels,)`` or None.
+    """
+    nd = weight.dim() - 2
+    if nd >= 2 and not records_grad(x, weight) and not tracing():
+        return _depth_split_slabs(x, weight, bias)
+    out_c, in_c, k = weight.shape[:3]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    p = k // 2
+    # index kd * out_c + o holds weight[o, :, kd]
+    flat = weight.permute(2, 0, 1, *range(3, weight.dim())).reshape(k * out_c, in_c, 1, *weight.shape[3:])
+    if weight.dim() == 5:
+        flat = flat.contiguous(memory_format=torch.channels_last_3d)
+    y = conv(x, flat, None, padding=(0, *[s // 2 for s in weight.shape[3:]]))
+    out = y[:, p * out_c:(p + 1) * out_c].clone()
+    for kd in range(k):
+        o = kd - p  # out[d] += y_kd[d + o]
+        if o > 0:
+            out[:, :, :-o] += y[:, kd * out_c:(kd + 1) * out_c, o:]
+        elif o < 0:
+            out[:, :, -o:] += y[:, kd * out_c:(kd + 1) * out_c, :o]
+    if bias is not None:
+        out += bias.view(1, out_c, *([1] * nd))  # ``out`` is this function's own tensor (autograd-safe)
+    return out
+
+
+def _depth_split_slabs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`depth_split_conv` slab by slab (no autograd; 2D and 3D): the input planes ``[s0, s1)`` as a batch of
+    ``(nd - 1)``-dimensional flat convolutions, whose output for kernel offset ``kd`` adds into the output planes
+    ``d = s - (kd - k // 2)``."""
+    out_c, in_c, k = weight.shape[:3]
+    nd = weight.dim() - 2
+    conv = (F.conv1d, F.conv2d)[nd - 2]
+    p = k // 2
+    b, depth, rest = x.shape[0], x.shape[2], tuple(x.shape[3:])
+    # index kd * out_c + o holds weight[o, :, kd]
+    flat = weight.permute(2, 0, 1, *range(3, weight.dim())).reshape(k * out_c, in_c, *weight.shape[3:])
+    if nd == 3:
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    padding = [s // 2 for s in weight.shape[3:]]
+    plane = b * math.prod(rest) * x.element_size() * max(k * out_c, in_c)
+    step = max(1, min(depth, SLAB_BYTES // max(plane, 1)))
+    out = None
+    for s0 in range(0, depth, step):
+        s1 = min(depth, s0 + step)
+        # (B, C, d, *rest) -> (B * d, C, *rest): a view for channels-last input, a copy of the slab otherwise
+        planes = x[:, :, s0:s1].movedim(2, 1).reshape(b * (s1 - s0), in_c, *rest)
+        y = conv(planes, flat, None, padding=padding)
+        y = y.view(b, s1 - s0, k * out_c, *rest)
+        if out is None:
+            out = y.new_zeros(b, out_c, depth, *rest)
+            if bias is not None:
+                out += bias.to(out.dtype).view(1, out_c, *([1] * nd))
+        for kd in range(k):
+            o = kd - p  # out[d] += y_kd[d + o] for the input planes d + o of this slab
+            d0, d1 = max(0, s0 - o), min(depth, s1 - o)
+            if d1 > d0:
+                out[:, :, d0:d1] += y[:, d0 + o - s0:d1 + o - s0, kd * out_c:(kd + 1) * out_c].movedim(1, 2)
+    return out
+
+
+def depth_split_applies(x: torch.Tensor, fast: bool) -> bool:
+    """Whether few-output convolutions run as :func:`depth_split_conv` (CPU, eager mode, ``fast``)."""
+    return fast and x.device.type == "cpu" and not tracing()
+
+
+def few_output_conv(conv: Convolution, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """A MONAI ``Convolution`` (stride 1, same padding) with :func:`depth_split_conv` on CPU when ``fast``."""
+    if not depth_split_applies(x, fast):
+        return conv(x)
+    layer = conv.conv
+    y = depth_split_conv(x, layer.weight, layer.bias)
+    return conv.adn(y) if "adn" in conv._modules else y
