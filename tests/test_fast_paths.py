@@ -534,3 +534,34 @@ def test_benchmark_calls_use_the_package_reduced_precision():
     _Call(Spy(), True, "cpu")(a, a)
     _Call(Spy(), False, "cpu")(a, a)
     assert seen == [torch.bfloat16, None]
+
+
+@pytest.mark.parametrize("size", [(24, 24, 20), (64, 48)])
+def test_decoders_without_autograd_hold_few_full_size_maps(monkeypatch, size):
+    """Without autograd FARM and the residual decoder release their concatenation R as soon as it is read and make
+    the few-output convolutions slab by slab: the tensors of one call peak at 2.5 (FARM) and 2 (residual decoder)
+    R-sized maps, against 4.4 and 3 on the reference path (measured with PyTorch's profiler; slabs of one plane, as
+    at full resolution), with the same outputs."""
+    from monai_ipear.benchmark.memory import cpu_tensor_peak_bytes
+    from monai_ipear.networks.blocks import depth_split
+    from monai_ipear.networks.blocks.farm import FARM
+    from monai_ipear.networks.blocks.flow_estimator import ResidualFlowEstimator
+    from monai_ipear.networks.nets import use_channels_last
+
+    monkeypatch.setattr(depth_split, "SLAB_BYTES", 1)
+    torch.manual_seed(0)
+    moving, fixed = torch.randn(2, 4, *size), torch.randn(2, 4, *size)
+    r_bytes = 2 * moving.numel() * moving.element_size()
+    for decoder, bound in ((FARM(len(size), 4, 8), 2.75), (ResidualFlowEstimator(len(size), 4, 8), 2.25)):
+        use_channels_last(decoder.eval(), True)
+        with torch.no_grad():
+            fast_out = decoder(moving, fixed)
+            fast_peak = cpu_tensor_peak_bytes(decoder, moving, fixed)
+            decoder.fast = False
+            reference_out = decoder(moving, fixed)
+            reference_peak = cpu_tensor_peak_bytes(decoder, moving, fixed)
+        name = type(decoder).__name__
+        assert fast_peak is not None and reference_peak is not None, "the profiler gave no memory events"
+        assert fast_peak <= bound * r_bytes, (name, fast_peak / r_bytes)
+        assert reference_peak >= fast_peak + 0.75 * r_bytes, (name, fast_peak / r_bytes, reference_peak / r_bytes)
+        assert torch.allclose(fast_out, reference_out, atol=1e-5), name

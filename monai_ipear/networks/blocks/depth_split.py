@@ -18,8 +18,8 @@ from ..utils import records_grad, tracing
 __all__ = ["depth_split_conv", "few_output_conv", "depth_split_applies", "SLAB_BYTES"]
 
 #: the working set of one slab of :func:`depth_split_conv` without autograd (its input planes or its flat
-#: convolution's output planes, the larger); chosen on the development CPU (32 MiB L3): 2, 4 and 8 MiB ran alike
-#: from 40x48x40 to 160x192x160, 16 MiB and whole volumes slower.
+#: convolution's output planes, the larger); chosen on the development CPU (32 MiB L3, glibc's allocator defaults):
+#: 2, 4 and 8 MiB ran alike from 40x48x40 to 160x192x160, 16 MiB slower.
 SLAB_BYTES = 4 * 2**20
 
 
@@ -29,15 +29,18 @@ def depth_split_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     outputs) followed by ``k`` shifted sums along it.
 
     Why by hand: the CPU convolutions of oneDNN use a small part of the vector units when a layer has 1-3
-    output channels. Without autograd (and for 2D and 3D inputs) the first spatial axis is cut into slabs of a few
-    planes (:data:`SLAB_BYTES`), each slab's planes run as a batch of flat convolutions of one dimension less, and
-    their shifted sums are added into the output while the slab is still in cache: the full-size ``k *
-    out_channels`` map of the flat convolution is never made. Measured on the 2-core development CPU at
-    160x192x160, batch 1, 2 threads, plain (channels-first) convolution / flat convolution over the whole volume /
-    slabs: 8 -> 3 channels 176 / 163 / 67 ms, 16 -> 3 channels 377 / 242 / 107 ms, and SAB's 2 -> 1 7x7x7
-    convolution 102 -> 54 ms (whole volume / slabs). With autograd the whole volume runs as one flat convolution
-    (slabs would record a graph node per shifted sum and slab). The result equals the plain convolution up to
-    float rounding (tested, values and gradients).
+    output channels (on the 2-core development CPU at 160x192x160, Cl3's 24 -> 3 convolution 0.26 s plain, 0.12 s
+    split). Without autograd (2D and 3D inputs) the first spatial axis is cut into slabs of a few planes
+    (:data:`SLAB_BYTES`): each slab's planes run as a batch of flat convolutions of one dimension less and their
+    shifted sums are added into the output while the slab is in cache, so the full-size ``k * out_channels`` map
+    of the flat convolution (SAB's 7 channels, Cl3's 9: 131 and 169 MiB at 160x192x160) is never made. Its time,
+    measured there (batch 1, 2 threads, one process, whole volume -> slabs): with the package's allocator setting
+    (:func:`~monai_ipear.runtime.keep_freed_cpu_memory`, the command-line tools) about the same (SAB's 2 -> 1
+    7x7x7 75 -> 57 ms, 8 -> 3 channels 63 -> 60 ms, 16 -> 3 channels-last 83 -> 89 ms), with glibc's defaults
+    (calls from Python) about half (127 -> 62, 173 -> 78, 156 -> 100 ms), the fresh full-size map's page faults
+    saved. With autograd the whole volume runs as one flat convolution (slabs would record a graph node per
+    shifted sum and slab). The result equals the plain convolution up to float rounding (tested, values and
+    gradients).
 
     Args:
         x: ``(B, in_channels, *spatial)``.
