@@ -35,6 +35,8 @@ for a displacement field followed by an affine.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import time
@@ -75,11 +77,32 @@ def set_iteration_control(network: torch.nn.Module, iterations: str | int) -> to
         ValueError: an unknown ``iterations``, or a network without iteration control.
     """
     controller = controller_from_spec(iterations)
+    _control_target(network).controller = controller
+    return network
+
+
+@contextlib.contextmanager
+def iteration_control(network: torch.nn.Module, iterations: str | int | None):
+    """:func:`set_iteration_control` for the duration of a ``with`` block; the network's own controller comes back
+    afterwards, also when the block raises. ``iterations=None`` changes nothing."""
+    if iterations is None:
+        yield network
+        return
+    target = _control_target(network)
+    own = target.controller
+    set_iteration_control(network, iterations)
+    try:
+        yield network
+    finally:
+        target.controller = own
+
+
+def _control_target(network: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``controller`` the iteration settings change: ``network`` or the network it wraps."""
     target = network if hasattr(network, "controller") else getattr(network, "network", None)
     if target is None or not hasattr(target, "controller"):
         raise ValueError(f"{type(network).__name__} has no iteration control: 'iterations' does not apply.")
-    target.controller = controller
-    return network
+    return target
 
 
 def index_grid(shape: Sequence[int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ recover a given deformation, so a stand-in network returns the known deformation
 working grid); the affine part comes from the real pre-alignment (elastix).
 """
 
+import contextlib
 import json
 import os
 
@@ -399,6 +400,16 @@ def test_pretrained_comparison_command_on_tiny_subjects(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="under autocast"):
         run_comparison(subjects, ["register", "register-autocast"], pipeline=pipe, max_pairs=1, log=lambda *_: None)
     assert pipe.autocast is False
+    # ``iterations`` reaches the network during the comparison only; the caller's controller comes back, also when a
+    # registration raises
+    for network, raises in ((_PrecisionSpy(), False), (_FailsUnderAutocast(), True)):
+        own = network.controller = object()
+        pipe = RegistrationPipeline(network=network, device="cpu")
+        with pytest.raises(RuntimeError, match="under autocast") if raises else contextlib.nullcontext():
+            run_comparison(subjects, ["register", "register-autocast"], pipeline=pipe, max_pairs=1, log=lambda *_: None,
+                           iterations=2)
+        assert [type(c).__name__ for c in network.controllers_seen] == ["FixedIterations"] * (1 if raises else 2)
+        assert network.controllers_seen[0].k_max == 2 and network.controller is own
 
 
 def statistics_mean(values):
@@ -448,10 +459,13 @@ class _PrecisionSpy(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.seen = []
+        self.controllers_seen = []
 
     def forward(self, moving, fixed):
         on = torch.is_autocast_enabled("cpu")
         self.seen.append((on, torch.get_autocast_dtype("cpu") if on else None))
+        if hasattr(self, "controller"):  # a test gave it iteration control: which controller ran
+            self.controllers_seen.append(self.controller)
         return torch.zeros(moving.shape[0], 3, *moving.shape[2:], dtype=torch.bfloat16 if on else torch.float32)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_registration_pair", "channels_last_format", "tracing", "records_grad", "cpu_training", "concat_channels"]
+__all__ = [
+    "check_registration_pair", "channels_last_format", "tracing", "records_grad", "cpu_training", "concat_channels",
+]
 
 
 def channels_last_format(ndim: int) -> torch.memory_format:

@@ -31,6 +31,7 @@ the clock starts), so their ratios are comparable; ratios are to ``register``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -47,7 +48,7 @@ from monai.transforms import Orientation
 
 from ..controllers import FixedIterations, controller_from_spec
 from ..metrics import folding_percentage, label_overlap_metrics
-from ..pipeline import RegistrationPipeline, save_nifti, set_iteration_control
+from ..pipeline import RegistrationPipeline, iteration_control, save_nifti
 
 __all__ = ["run_comparison", "format_comparison", "comparison_main", "METHODS", "CHOICES"]
 
@@ -143,8 +144,6 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
             methods.remove("ants-syn")
     if any(m.startswith("register") for m in methods) and pipeline is None:
         pipeline = RegistrationPipeline(model=model, device="cpu")
-    if pipeline is not None and iterations is not None:
-        set_iteration_control(pipeline.network, iterations)
     if pipeline is not None and pipeline.metadata.get("placeholder"):
         notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
     loaded = []
@@ -161,28 +160,33 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
 
         f = loaded[pairs[0][1]]
         elastix_register(_RAS(f["image"])[0], _RAS(f["image"])[0], _spacing(f["image"]), "affine", 1, 1)
+    if iterations is not None:
+        controller_from_spec(iterations)  # a bad value fails before any registration
     own_autocast = getattr(pipeline, "autocast", False)  # each register row sets it; the caller's comes back after
+    # ``iterations`` holds for this comparison only: a caller's pipeline gets its own controller back afterwards
+    control = iteration_control(pipeline.network, iterations) if pipeline is not None else contextlib.nullcontext()
     try:
-        for i, j in pairs:
-            mov, fix = loaded[i], loaded[j]
-            name = f"{mov['name']}_to_{fix['name']}"
-            for m in methods:
-                if m in ("register", "register-autocast"):  # one pipeline: the same network and settings, either precision
-                    pipeline.autocast = m == "register-autocast"
-                    start = time.perf_counter()
-                    out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
-                    elapsed = time.perf_counter() - start
-                    r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
-                    r["iterations"] = out["iterations"]
-                elif m.startswith("elastix"):
-                    r = _elastix("affine" if m == "elastix-affine" else "bspline", elastix_iterations, fix, mov)
-                else:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        r = _ants(fix, mov, ants_python, tmp)
-                r["pair"] = name
-                rows[m].append(r)
-                log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
-                    f"{r['time_s']:.2f} s")
+        with control:
+            for i, j in pairs:
+                mov, fix = loaded[i], loaded[j]
+                name = f"{mov['name']}_to_{fix['name']}"
+                for m in methods:
+                    if m in ("register", "register-autocast"):  # one pipeline, the same settings, either precision
+                        pipeline.autocast = m == "register-autocast"
+                        start = time.perf_counter()
+                        out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
+                        elapsed = time.perf_counter() - start
+                        r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
+                        r["iterations"] = out["iterations"]
+                    elif m.startswith("elastix"):
+                        r = _elastix("affine" if m == "elastix-affine" else "bspline", elastix_iterations, fix, mov)
+                    else:
+                        with tempfile.TemporaryDirectory() as tmp:
+                            r = _ants(fix, mov, ants_python, tmp)
+                    r["pair"] = name
+                    rows[m].append(r)
+                    log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
+                        f"{r['time_s']:.2f} s")
     finally:  # also when a registration raises: the caller's pipeline keeps its own setting
         if pipeline is not None:
             pipeline.autocast = own_autocast
