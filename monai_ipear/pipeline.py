@@ -62,7 +62,7 @@ from .data.transforms import check_image_content
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
 from .runtime import reduced_precision
 
-__all__ = ["RegistrationPipeline", "set_iteration_control", "warp_to_fixed", "save_nifti", "resample_at", "index_grid",
+__all__ = ["RegistrationPipeline", "set_iteration_control", "iteration_control", "warp_to_fixed", "save_nifti", "resample_at", "index_grid",
            "PREALIGN_CHOICES"]
 
 PREALIGN_CHOICES = ("affine", "none")

@@ -45,8 +45,8 @@ def concat_channels(tensors: list[torch.Tensor], channels_last: bool = False) ->
 
 
 def cpu_training(x: torch.Tensor) -> bool:
-    """Whether ``x`` is on the CPU while autograd records, in eager mode: where the training-only layout paths
-    (``ConvGELUBlock.fast``, ``FARM.fast``) apply."""
+    """Whether ``x`` is on the CPU while autograd records, in eager mode: where the training-only layout path of
+    ``ConvGELUBlock.fast`` applies."""
     return x.device.type == "cpu" and torch.is_grad_enabled() and not tracing()
 
 
