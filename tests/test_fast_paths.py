@@ -34,7 +34,14 @@ def _ipear(spatial_dims, controller, seed=0):
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (36, 30)), (3, (16, 20, 12))])
 @pytest.mark.parametrize("controller", [TCI(), FixedIterations(2), IterStop()], ids=["tci", "fixed2", "iterstop"])
-def test_ipear_fast_paths_equal_reference(spatial_dims, size, controller):
+@pytest.mark.parametrize("slab_bytes", [None, 1], ids=["default-slabs", "one-plane-slabs"])
+def test_ipear_fast_paths_equal_reference(spatial_dims, size, controller, slab_bytes, monkeypatch):
+    """The whole network, fast paths against reference paths; the few-output convolutions also with slabs of one
+    plane (what full-resolution volumes get; these small ones fit in one slab)."""
+    if slab_bytes is not None:
+        from monai_ipear.networks.blocks import depth_split
+
+        monkeypatch.setattr(depth_split, "SLAB_BYTES", slab_bytes)
     moving, fixed = _blobs(size, 2)
     fast = _ipear(spatial_dims, controller)
     ref = use_reference_paths(_ipear(spatial_dims, controller))
@@ -45,6 +52,29 @@ def test_ipear_fast_paths_equal_reference(spatial_dims, size, controller):
     assert ddf_fast.abs().max() > 0.05  # the fields are not trivially zero
     for a, b in zip(fast.last_similarities, ref.last_similarities):
         assert torch.allclose(a, b, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (36, 30)), (3, (16, 20, 12))])
+@pytest.mark.parametrize("slab_bytes", [None, 1], ids=["default-slabs", "one-plane-slabs"])
+def test_rpnet_fast_paths_equal_reference(spatial_dims, size, slab_bytes, monkeypatch):
+    """RP-Net under IterStop (IIRP-Net): its decoders' fast paths (the head depth-split, the concatenation
+    channels-last and released early) against the reference paths: same fields, same update counts."""
+    from monai_ipear.networks.blocks import depth_split
+    from monai_ipear.networks.nets import RPNet
+
+    if slab_bytes is not None:
+        monkeypatch.setattr(depth_split, "SLAB_BYTES", slab_bytes)
+    moving, fixed = _blobs(size, 2)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(RPNet(spatial_dims=spatial_dims, controller=IterStop()).eval())
+    fast, ref = nets[0], use_reference_paths(nets[1])
+    with torch.no_grad():
+        ddf_fast, ddf_ref = fast(moving, fixed), ref(moving, fixed)
+    assert torch.equal(fast.last_iterations, ref.last_iterations)
+    assert (ddf_fast - ddf_ref).abs().max() <= 1e-4
+    assert ddf_fast.abs().max() > 0.05  # the fields are not trivially zero
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, (36, 30)), (3, (16, 20, 12))])
