@@ -36,7 +36,6 @@ for a displacement field followed by an affine.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import time
@@ -62,8 +61,8 @@ from .data.transforms import check_image_content
 from .pretrained import DEFAULT_PREPROCESSING, load_pretrained
 from .runtime import reduced_precision
 
-__all__ = ["RegistrationPipeline", "set_iteration_control", "iteration_control", "warp_to_fixed", "save_nifti", "resample_at", "index_grid",
-           "PREALIGN_CHOICES"]
+__all__ = ["RegistrationPipeline", "set_iteration_control", "iteration_control", "warp_to_fixed", "save_nifti",
+           "resample_at", "index_grid", "PREALIGN_CHOICES"]
 
 PREALIGN_CHOICES = ("affine", "none")
 _LABELS = (("L", "R"), ("P", "A"), ("I", "S"))

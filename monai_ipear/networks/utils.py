@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -30,16 +32,15 @@ def concat_channels(tensors: list[torch.Tensor], channels_last: bool = False) ->
     """``torch.cat(tensors, dim=1)``; ``channels_last``: made channels-last (4D or 5D), the layout of channels-last
     convolutions that read it, which would otherwise each make a channels-last copy of it beside it. Without
     autograd the concatenation is written straight into a channels-last tensor (one pass, no second full-size map:
-    a 16-channel 160x192x160 map on the development CPU, 26 ms instead of 190 for concatenating and then copying)."""
+    a 16-channel 160x192x160 map on the development CPU, 26-28 ms into a reused tensor against 191-198 ms for
+    concatenating and then copying)."""
     if not channels_last or tensors[0].ndim not in (4, 5) or tracing():
         return torch.cat(tensors, dim=1)
     fmt = channels_last_format(tensors[0].ndim)
     if records_grad(*tensors):  # ``out=`` is not differentiable
         return torch.cat(tensors, dim=1).contiguous(memory_format=fmt)
     first = tensors[0]
-    dtype = first.dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     shape = (first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:])
     return torch.cat(tensors, dim=1, out=torch.empty(shape, dtype=dtype, device=first.device, memory_format=fmt))
 

@@ -124,6 +124,22 @@ def _ants_available(ants_python: str | None) -> tuple[bool, str]:
     return False, "skipped: antspyx not importable (pin numpy<2.4; use --ants-python with a separate venv)"
 
 
+def _score_method(method: str, mov: dict, fix: dict, pipeline, elastix_iterations: int, ants_python) -> dict:
+    """One method on one pair (``mov`` onto ``fix``, loaded subjects): its scores and time."""
+    if method in ("register", "register-autocast"):  # one pipeline, the same settings, either precision
+        pipeline.autocast = method == "register-autocast"
+        start = time.perf_counter()
+        out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
+        elapsed = time.perf_counter() - start
+        r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
+        r["iterations"] = out["iterations"]
+        return r
+    if method.startswith("elastix"):
+        return _elastix("affine" if method == "elastix-affine" else "bspline", elastix_iterations, fix, mov)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _ants(fix, mov, ants_python, tmp)
+
+
 def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = None, pipeline: RegistrationPipeline | None = None,
                    elastix_iterations: int = 256, ants_python: str | None = None, max_pairs: int | None = None,
                    log=print, iterations: str | int | None = None) -> dict:
@@ -144,52 +160,35 @@ def run_comparison(subjects: list[dict], methods=METHODS, model: str | None = No
             methods.remove("ants-syn")
     if any(m.startswith("register") for m in methods) and pipeline is None:
         pipeline = RegistrationPipeline(model=model, device="cpu")
-    if pipeline is not None and pipeline.metadata.get("placeholder"):
-        notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
-    loaded = []
-    for s in subjects:
-        d = {k: RegistrationPipeline.load(s[k], k) for k in ("image", "label")}
-        d["mask"] = RegistrationPipeline.load(s["mask"], "mask") if s.get("mask") else (d["label"] > 0).float()
-        d["name"] = os.path.basename(str(s["image"])).split(".")[0]
-        loaded.append(d)
-    pairs = [(i, j) for j in range(len(loaded)) for i in range(len(loaded)) if i != j]  # (moving, fixed)
-    pairs = pairs[:max_pairs] if max_pairs else pairs
-    rows: dict[str, list] = {m: [] for m in methods}
-    if pairs and has_elastix():  # warm-up: ITK loads its modules lazily (seconds) on first use
-        from ..preprocessing.elastix import elastix_register
-
-        f = loaded[pairs[0][1]]
-        elastix_register(_RAS(f["image"])[0], _RAS(f["image"])[0], _spacing(f["image"]), "affine", 1, 1)
-    if iterations is not None:
-        controller_from_spec(iterations)  # a bad value fails before any registration
-    own_autocast = getattr(pipeline, "autocast", False)  # each register row sets it; the caller's comes back after
-    # ``iterations`` holds for this comparison only: a caller's pipeline gets its own controller back afterwards
-    control = iteration_control(pipeline.network, iterations) if pipeline is not None else contextlib.nullcontext()
-    try:
-        with control:
-            for i, j in pairs:
-                mov, fix = loaded[i], loaded[j]
-                name = f"{mov['name']}_to_{fix['name']}"
-                for m in methods:
-                    if m in ("register", "register-autocast"):  # one pipeline, the same settings, either precision
-                        pipeline.autocast = m == "register-autocast"
-                        start = time.perf_counter()
-                        out = pipeline(fix["image"], mov["image"], fix["mask"], mov["mask"], mov["label"])
-                        elapsed = time.perf_counter() - start
-                        r = _scores(out["warped_label"], fix["label"], _spacing(fix["image"]), out["folding_pct"], elapsed)
-                        r["iterations"] = out["iterations"]
-                    elif m.startswith("elastix"):
-                        r = _elastix("affine" if m == "elastix-affine" else "bspline", elastix_iterations, fix, mov)
-                    else:
-                        with tempfile.TemporaryDirectory() as tmp:
-                            r = _ants(fix, mov, ants_python, tmp)
-                    r["pair"] = name
-                    rows[m].append(r)
-                    log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
-                        f"{r['time_s']:.2f} s")
-    finally:  # also when a registration raises: the caller's pipeline keeps its own setting
+    with contextlib.ExitStack() as restore:  # ``iterations`` and the autocast switch hold for this comparison only
         if pipeline is not None:
-            pipeline.autocast = own_autocast
+            restore.callback(setattr, pipeline, "autocast", pipeline.autocast)  # each register row sets it
+            restore.enter_context(iteration_control(pipeline.network, iterations))  # a bad value fails here, first
+        if pipeline is not None and pipeline.metadata.get("placeholder"):
+            notes.append("WARNING: the packaged model is the PLACEHOLDER (random weights); `register` figures are meaningless")
+        loaded = []
+        for s in subjects:
+            d = {k: RegistrationPipeline.load(s[k], k) for k in ("image", "label")}
+            d["mask"] = RegistrationPipeline.load(s["mask"], "mask") if s.get("mask") else (d["label"] > 0).float()
+            d["name"] = os.path.basename(str(s["image"])).split(".")[0]
+            loaded.append(d)
+        pairs = [(i, j) for j in range(len(loaded)) for i in range(len(loaded)) if i != j]  # (moving, fixed)
+        pairs = pairs[:max_pairs] if max_pairs else pairs
+        rows: dict[str, list] = {m: [] for m in methods}
+        if pairs and has_elastix():  # warm-up: ITK loads its modules lazily (seconds) on first use
+            from ..preprocessing.elastix import elastix_register
+
+            f = loaded[pairs[0][1]]
+            elastix_register(_RAS(f["image"])[0], _RAS(f["image"])[0], _spacing(f["image"]), "affine", 1, 1)
+        for i, j in pairs:
+            mov, fix = loaded[i], loaded[j]
+            name = f"{mov['name']}_to_{fix['name']}"
+            for m in methods:
+                r = _score_method(m, mov, fix, pipeline, elastix_iterations, ants_python)
+                r["pair"] = name
+                rows[m].append(r)
+                log(f"{name} {m}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} mm, folding {r['folding_pct']:.4f} %, "
+                    f"{r['time_s']:.2f} s")
     return {"rows": rows, "notes": notes, "pairs": [f"{loaded[i]['name']}_to_{loaded[j]['name']}" for i, j in pairs],
             "register_iterations": None if iterations is None else str(iterations),
             "register_model": None if pipeline is None or model is None else os.path.basename(str(model))}

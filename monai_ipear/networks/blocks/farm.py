@@ -221,14 +221,16 @@ class FARM(nn.Module):
         self.fast = True
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        split = depth_split_applies(moving, self._fast)
         # on CPU R is made channels-last like the convolutions that read it (channels-last weights): in training the
         # gradients of its two pathways are then summed in one layout (a mixed-layout sum of two 2C-channel gradients
         # cost 0.35 s at level 1, 160x192x160, on the development CPU); at inference Cl1 makes no channels-last copy
-        # beside it (SEB's and SAB's reductions are slower on it: +45 ms per level-1 call, as much as the copy saves)
-        r = concat_channels([moving, fixed], channels_last=depth_split_applies(moving, self._fast))
+        # beside it (SEB's and SAB's reductions read it more slowly, +43 ms per level-1 call; the call's time was
+        # unchanged in A/B runs)
+        r = concat_channels([moving, fixed], channels_last=split)
         if self.rp is None:
             return few_output_conv(self.cl3, self._attention(r, own=True), self._fast)
-        if not depth_split_applies(r, self._fast):
+        if not split:
             return self.cl3(torch.cat([self._attention(r, own=False), self.rp(r)], dim=1))
         # Cl3 of the concatenation = the sum of Cl3's two weight blocks applied to each part: no 3C/2-channel copy.
         # Without autograd R's memory is reused and released early: Cl1 reads R first, the attention pathway then
