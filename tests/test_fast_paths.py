@@ -122,6 +122,19 @@ def test_channels_last_training_block_equals_the_plain_block(in_channels, size, 
     assert calls == [1, 1] and a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 0.05 * b.abs().max()
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 3, 4, 5, 6)])
+def test_training_instance_norm_equals_torch_in_values_and_gradients(shape):
+    from monai_ipear.networks.blocks.encoders import _InstanceNorm
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    y = (torch.randn(*shape, dtype=torch.float64) * 3 + 2).contiguous(memory_format=fmt).requires_grad_()
+    out = _InstanceNorm.apply(y, 1e-5)
+    assert out.is_contiguous(memory_format=fmt)  # the layout of its input, no channels-first copy
+    assert torch.allclose(out, F.instance_norm(y, eps=1e-5), atol=1e-10)
+    assert torch.autograd.gradcheck(lambda t: _InstanceNorm.apply(t, 1e-5), (y,))
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("size", [(7, 9), (6, 5, 8), (1, 6, 5)])
 def test_fast_warp_and_compose_equal_monai_warp(padding_mode, size):
