@@ -122,8 +122,8 @@ class ConvGELUBlock(nn.Module):
     instance norm by :class:`_InstanceNorm` and channels-last inputs at levels 2..L took the encoder's forward +
     backward (stacked pair, 160x192x160, 2 threads) from 2.94-3.05 s to 2.46-2.52 s.
     Inference stays channels-first: the channels-last block is no faster there, the copy of its output back to
-    channels-first eating the convolution's gain (encoder, stacked pair, no autograd: 0.90-0.93 s plain against
-    0.92-0.97 s with every block channels-last and 0.92-0.97 s with level 1's alone, session 17).
+    channels-first eating the convolution's gain (encoder, stacked pair, no autograd: 0.90-0.93 s plain (one round
+    1.03 s) against 0.93-0.98 s with every block channels-last and 0.92-0.97 s with level 1's alone, session 17).
 
     Input ``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``.
     """
