@@ -196,7 +196,8 @@ def speed_study(
                 iterations: dict[str, list | None] = {}
                 _timed_rounds(entries, mb, fb, repeats, sync, device, times, iterations, outputs)
                 # training steps apart, after their own warm-up: a training run pays the steady state, which the
-                # process reaches once its kept heap stops growing (on the development CPU after the second step)
+                # process reaches once its kept heap stops growing (on the development CPU mostly after the second
+                # step; the heap still grows now and then later, a slower round that the median absorbs)
                 for _ in range(train_warmup):
                     for name, _net, call in train_entries:
                         call(mb, fb)
